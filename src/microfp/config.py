@@ -1,0 +1,195 @@
+"""Parameters of the pipeline: the schema of ``params.yaml`` and its loader.
+
+``params.yaml`` is the one source of parameters. DVC passes values through it (``dvc exp run -S
+latent_dim=512`` edits the file), and DVC accepts any key, so a typo such as ``latnt_dim`` would be
+silently added as a new parameter. Every stage therefore loads the file through :func:`load_params`,
+which validates it against the pydantic models below: an unknown key, a wrong type or an
+out-of-range value raises :class:`ParamsError` with a one-line message naming the key.
+
+Units follow the paper: ESD and ``resolution`` in length units (``resolution`` = units per voxel,
+0.25 for the paper's 64^3 VEs), angles in degrees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from microfp.errors import MicrofpError
+
+TEXTURES_DEG: dict[str, tuple[float, float, float]] = {
+    # Table 2 of the paper: Bunge Euler angles (phi1, Phi, phi2) in degrees.
+    "brass": (35.0, 45.0, 0.0),
+    "copper": (90.0, 35.0, 45.0),
+    "cube": (0.0, 0.0, 0.0),
+    "goss": (0.0, 45.0, 0.0),
+}
+
+Encoder = Literal["resnet12", "resnet18", "resnet34"]
+CrystalFamily = Literal["cubic", "hexagonal"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ParamsError(MicrofpError):
+    """A parameter file that cannot be used; the message is one line and names the key."""
+
+
+class _Strict(BaseModel):
+    """Base of every parameter block: unknown keys are errors, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class SetSpec(_Strict):
+    """How one set of VEs is generated (paper section 2.1, Tables 1-2)."""
+
+    n: int = Field(gt=0, le=10_000_000, description="number of VEs in the set")
+    esd_mean: PositiveFloat | list[PositiveFloat] = Field(
+        5.78,
+        description="mean equivalent sphere diameter in length units; a list gives an even mixture",
+    )
+    esd_sigma: float = Field(0.1, ge=0, le=2, description="sigma of ln(ESD) (log-normal)")
+    cutoff_sigma: float = Field(5.0, gt=0, le=20, description="min/max ESD cut-off in sigmas")
+    aspect: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        (1.0, 1.0, 1.0), description="grain aspect ratio along (x, y, z), e.g. [2, 1, 1]"
+    )
+    texture: Literal["random", "brass", "copper", "cube", "goss"] = "random"
+    spread_deg: float = Field(2.0, ge=0, le=90, description="std of the Euler-angle noise, degrees")
+    crystal: CrystalFamily = "cubic"
+
+    @field_validator("esd_mean")
+    @classmethod
+    def _non_empty(cls, v: float | list[float]) -> float | list[float]:
+        if isinstance(v, list) and not v:
+            raise ValueError("needs at least one ESD")
+        return v
+
+    @property
+    def esd_means(self) -> list[float]:
+        """The ESD means of the mixture (one entry for a plain set)."""
+        return list(self.esd_mean) if isinstance(self.esd_mean, list) else [float(self.esd_mean)]
+
+
+class GenerateParams(_Strict):
+    shard_size: int = Field(64, gt=0, le=100_000, description="VEs per HDF5 shard")
+    workers: int = Field(0, ge=0, le=1024, description="processes; 0 = all cores")
+    sets: dict[str, SetSpec]
+
+    @field_validator("sets")
+    @classmethod
+    def _set_names(cls, v: dict[str, SetSpec]) -> dict[str, SetSpec]:
+        for name in v:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"set name {name!r} must be letters, digits and _")
+        return v
+
+
+class TrainParams(_Strict):
+    """Training of the VAE (paper section 2.2, Table 3); see ``microfp.train`` and ``microfp.model``."""
+
+    train_set: str = "train"
+    val_set: str = "val"
+    epochs: int = Field(5, gt=0, le=100_000)
+    max_steps: int = Field(-1, ge=-1, description="stop after this many optimizer steps; -1 = no limit")
+    batch_size: int = Field(8, gt=0, le=65_536)
+    lr: PositiveFloat = 1e-5
+    weight_decay: float = Field(1e-5, ge=0)
+    hidden_dim: int = Field(8192, gt=0, le=1_000_000)
+    base_channels: int = Field(64, gt=0, le=1024, description="channels after the stem (x2 per layer)")
+    bottleneck_channels: int = Field(
+        32, gt=0, le=4096, description="channels of the 1x1 squeeze before the hidden layer"
+    )
+    alpha: float = Field(0.999, ge=0, le=1, description="weight of BCE vs FFT-MSE")
+    beta: float = Field(1.0, ge=0, description="weight of the KL term (per latent dimension mean)")
+    beta_warmup_epochs: int = Field(0, ge=0, description="linear KL warm-up from 0 over these epochs")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = "auto"
+    num_nodes: int = Field(1, gt=0)
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true", "fsdp"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = "auto"
+    num_workers: int = Field(-1, ge=-1, le=256, description="DataLoader workers; -1 = auto")
+    cache_mb: int = Field(
+        1024, ge=0, le=1_000_000, description="hold a set's shards in memory when smaller than this"
+    )
+    channels_last: bool = Field(False, description="channels_last_3d memory format (GPU)")
+    compile: bool = False
+    resume: bool = Field(True, description="continue from last.ckpt when it fits the architecture")
+    mlflow: bool = Field(True, description="log to MLflow (MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+
+class Params(_Strict):
+    """The whole of ``params.yaml``."""
+
+    seed: int = Field(ge=0, lt=2**32)
+    ve_size: int = Field(ge=16, le=1024, description="voxels per edge of a VE")
+    resolution: PositiveFloat = Field(description="length units per voxel")
+    latent_dim: int = Field(gt=0, le=65_536)
+    encoder: Encoder
+    generate: GenerateParams
+    train: TrainParams = TrainParams()
+
+    @field_validator("ve_size")
+    @classmethod
+    def _divisible_by_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be divisible by 16 (the encoder halves it four times), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _sets_exist(self) -> "Params":
+        for key in ("train_set", "val_set"):
+            name = getattr(self.train, key)
+            if name not in self.generate.sets:
+                raise ValueError(f"train.{key}: set {name!r} is not in generate.sets")
+        return self
+
+    @property
+    def box_size(self) -> float:
+        """Edge length of a VE in length units (ve_size * resolution)."""
+        return self.ve_size * self.resolution
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    """First error of a pydantic ValidationError as 'source: dotted.key: message'."""
+    first = err.errors()[0]
+    # Drop pydantic's union-branch tags (e.g. "constrained-float") so only real keys remain.
+    parts = [str(p) for p in first["loc"] if isinstance(p, int) or str(p).replace("_", "").isalnum()]
+    key = ".".join(parts) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see params.yaml for the known keys)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = first["msg"].replace("Value error, ", "")
+    more = len(err.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {key}: {msg}{tail}".replace("\n", " ")
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; raise :class:`ParamsError` with a one-line message."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of keys to values at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_one_line(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a parameter file (``params.yaml`` or ``configs/paper.yaml``)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot read parameter file ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{path}: not valid YAML{where}") from None
+    return parse_params(raw, str(path))
