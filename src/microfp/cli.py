@@ -12,7 +12,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from microfp.errors import MicrofpError
@@ -192,17 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; print bad input as one line and return exit code 2."""
     try:
         app(args=argv, standalone_mode=False, prog_name="microfp")
-    except click.exceptions.ClickException as err:  # usage errors: exit 2 with click's message
-        err.show()
+    except typer.Exit as err:
         return err.exit_code
-    except click.exceptions.Exit as err:
-        return err.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("microfp: interrupted", file=sys.stderr)
         return 130
     except MicrofpError as err:
         print(f"microfp: error: {err}", file=sys.stderr)
         return 2
+    except typer.TyperException as err:  # usage errors (unknown option, bad value): exit 2
+        err.show()
+        return getattr(err, "exit_code", 2)
     return 0
 
 

@@ -28,16 +28,18 @@ target ESD is scaled by ``(V_box / sum V)^(1/3)``, within a few per cent for all
 Tessellation
 ------------
 1. Seeds uniform at random, weights ``w_i = r_i^2`` (radius of the target sphere).
-2. A few iterations on a coarse grid: assign voxels to power cells, move each seed to its
-   (periodic) cell centroid (Lloyd) and raise the weight of cells that are too small, lower it for
-   cells that are too big (``w_i += r_target^2 - r_current^2``, a damped semi-discrete
-   optimal-transport step). This gives compact, convex, equiaxed cells with the target volumes.
+2. Ten iterations on a coarse grid (~64 voxels per cell): assign voxels to power cells, move
+   each seed to its (periodic) cell centroid (Lloyd; first six iterations only) and raise the
+   weight of cells that are too small, lower it for cells that are too big
+   (``w_i += r_target^2 - r_current^2``, a semi-discrete optimal-transport style step). This gives
+   compact, convex, equiaxed cells with the target volumes (mean cell-volume error ~3 %).
 3. One exact assignment at full resolution, empty cells dropped and ids made contiguous.
 
 The power distance ``|x - s|^2 - w`` is evaluated with the minimum-image convention per axis. It
-is separable over the axes, so for few grains a brute-force sweep (one ``n^3`` pass per seed) is
-fastest; for many grains a ``cKDTree`` on seeds lifted to 4D (4th coordinate ``sqrt(W - w)``,
-``W = max w``) with a periodic box in x, y, z and a 4th box edge too large to ever wrap.
+is separable over the axes, so up to 600 seeds a brute-force sweep (one ``n^3`` pass per seed) is
+used (2.4x faster than the tree even at 377 seeds); beyond that a ``cKDTree`` on seeds lifted to
+4D (4th coordinate ``sqrt(W - w)``, ``W = max w``) with a periodic box in x, y, z and a 4th box
+edge too large to ever wrap.
 
 Elongated grains (``aspect = (a_x, a_y, a_z)``) use an anisotropic metric: coordinate ``i`` is
 divided by ``a_i / (a_x a_y a_z)^(1/3)``. That map has unit Jacobian, so volumes (and the ESD
@@ -73,8 +75,9 @@ __all__ = [
 #: The largest number of grains a uint16 grain-id map can hold.
 MAX_GRAINS = 65535
 
-#: Above this many seeds the KD-tree assignment is faster than the brute-force sweep.
-_BRUTE_MAX_SEEDS = 160
+#: Above this many seeds the KD-tree assignment is used (measured: brute is 2.4x faster at 377
+#: seeds on 64^3 with fitted weights, the 4D tree prunes poorly; the tree scales better).
+_BRUTE_MAX_SEEDS = 600
 
 
 @dataclass(frozen=True)
@@ -271,9 +274,10 @@ def fit_power_diagram(
     target_volumes: np.ndarray,
     box: Sequence[float],
     rng: np.random.Generator,
-    n_iter: int = 8,
+    n_iter: int = 10,
     coarse_cells: Sequence[int] | None = None,
     step: float = 1.0,
+    lloyd_iter: int = 6,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeds and weights of a periodic centroidal power diagram with the given cell volumes.
 
@@ -283,7 +287,10 @@ def fit_power_diagram(
         target_volumes: ``(S,)`` cell volumes, summing to the box volume.
         box: ``(3,)`` box edges.
         rng: random generator (initial seed positions).
-        n_iter: number of Lloyd + weight-update iterations on the coarse grid.
+        n_iter: number of weight-update iterations on the coarse grid.
+        lloyd_iter: how many of the first iterations also move seeds to centroids (the last
+            ``n_iter - lloyd_iter`` only fit volumes; measured at 64^3, ESD 5.78: mean relative
+            cell-volume error 3 %, 95th percentile 7 %).
         coarse_cells: ``(3,)`` coarse grid; default ~64 voxels per cell.
         step: damping of the weight update (1 = full step).
 
@@ -302,21 +309,36 @@ def fit_power_diagram(
     axes = _axis_centres(cells, box_)
     voxel_volume = float(np.prod(box_ / np.asarray(cells)))
     grid_idx = np.indices(cells).reshape(3, -1)
-    for _ in range(n_iter):
+    for it in range(n_iter):
         labels = assign_power_cells(cells, box_, seeds, weights).reshape(-1)
         counts = np.bincount(labels, minlength=n_seeds)
-        filled = counts > 0
-        # Lloyd: periodic centroid = seed + mean minimum-image displacement (exact: every voxel of
-        # a power cell is within half a box of its seed along each axis).
-        for a in range(3):
-            d = _min_image(axes[a][grid_idx[a]] - seeds[labels, a], box_[a])
-            shift = np.bincount(labels, weights=d, minlength=n_seeds)
-            seeds[filled, a] += shift[filled] / counts[filled]
-        seeds = np.mod(seeds, box_)
+        if it < lloyd_iter:
+            seeds = _lloyd_step(seeds, labels, counts, axes, grid_idx, box_)
         r2 = (3.0 * counts * voxel_volume / (4.0 * np.pi)) ** (2.0 / 3.0)
         weights += step * (r2_t - r2)
         weights -= weights.mean()
     return seeds, weights
+
+
+def _lloyd_step(
+    seeds: np.ndarray,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    axes: list[np.ndarray],
+    grid_idx: np.ndarray,
+    box: np.ndarray,
+) -> np.ndarray:
+    """Move every non-empty cell's seed to its periodic centroid."""
+    seeds = seeds.copy()
+    filled = counts > 0
+    n_seeds = seeds.shape[0]
+    # Periodic centroid = seed + mean minimum-image displacement. Exact: every voxel of a power
+    # cell is within half a box of its seed along each axis (images of a seed share its weight).
+    for a in range(3):
+        d = _min_image(axes[a][grid_idx[a]] - seeds[labels, a], box[a])
+        shift = np.bincount(labels, weights=d, minlength=n_seeds)
+        seeds[filled, a] += shift[filled] / counts[filled]
+    return np.mod(seeds, box)
 
 
 def relabel_contiguous(labels: np.ndarray, n_labels: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,802 @@
+"""Import and export of the VE formats users hold: DREAM3D ``.dream3d`` files and DAMASK grids.
+
+Every reader returns a one-VE :class:`~microfp.shards.VESet`: grain ids relabelled to 0..G-1 in
+our (x, y, z) axis order, one orientation per grain reduced to the fundamental zone of the crystal
+family with ``damask.Orientation(...).reduced`` and stored as float32 Bunge Euler angles in radians.
+Bad input raises :class:`FormatError` (or :class:`~microfp.shards.ShardError`) with a one-line
+message; library exceptions (h5py, VTK, YAML) never reach the user. Exports write temporary files
+and rename them, so a failed export leaves nothing behind.
+
+DREAM3D (HDF5)
+--------------
+Supported layouts (the file is searched by array name, not by one hard-coded container):
+
+* SIMPL / DREAM3D 6.x (``FileVersion`` 7.0)::
+
+    DataContainers/<container>/_SIMPL_GEOMETRY/{DIMENSIONS (x,y,z), SPACING (x,y,z), ORIGIN}
+    DataContainers/<container>/<cell matrix, e.g. CellData>/FeatureIds        (z, y, x, 1) int
+    DataContainers/<container>/<cell matrix>/EulerAngles                       (z, y, x, 3) float, optional
+    DataContainers/<container>/<feature matrix, e.g. CellFeatureData>/EulerAngles or AvgEulerAngles
+                                                                                (F+1, 3), row 0 unused
+    DataContainers/<container>/<ensemble matrix, e.g. CellEnsembleData>/CrystalStructures  (P+1, 1)
+
+* DREAM3D-NX (``FileVersion`` 8.0): the same arrays under ``DataStructure/<geometry>/`` (for
+  example ``Cell Data``, ``Cell Feature Data``/``Grain Data``), with the geometry's ``_DIMENSIONS``
+  and ``_SPACING`` stored as attributes of the geometry group.
+
+* Legacy names ``GrainIds`` (cell ids) and ``CellEulerAngles`` (per-cell angles) are accepted too.
+
+Orientations come from the per-feature array when there is one (only the rows of features that
+occur are read, so unused rows may hold anything), else from the per-cell array, which must then
+be constant within each feature (1e-3 rad). Feature id 0 is DREAM3D's "unassigned" feature: it is
+refused when orientations come from the per-feature array. The crystal family comes from
+``CrystalStructures`` (Laue class 1 = cubic m-3m, 0 = hexagonal 6/mmm; others are refused) unless
+``crystal`` is given, and the resolution from an isotropic ``SPACING`` unless ``resolution`` is
+given.
+
+DAMASK grid
+-----------
+A ``.vti`` image (``damask.GeomGrid``) whose cell array ``material`` indexes the ``material`` list of
+``material.yaml`` (``damask.ConfigMaterial``). Each material used by the grid becomes one grain
+(materials that share an orientation stay separate grains); each must have exactly one constituent
+with a unit quaternion ``O`` (DAMASK convention, P = -1) and a ``phase`` whose ``lattice`` gives the
+family (cF, cI, cP -> cubic; hP -> hexagonal) unless ``crystal`` is given. The resolution is
+``size / cells`` and must be the same along x, y and z.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+
+from microfp.errors import MicrofpError
+from microfp.shards import (
+    CRYSTAL_FAMILIES,
+    EULER_SCALE,
+    ShardError,
+    VESet,
+    atomic_path,
+    read_shard,
+    validate,
+)
+
+__all__ = [
+    "FormatError",
+    "MAX_GRAINS",
+    "read_damask",
+    "read_dream3d",
+    "read_ve_file",
+    "write_damask",
+    "write_dream3d",
+]
+
+MAX_GRAINS = 65535
+"""Most grains one VE may have (grain ids are stored as uint16)."""
+
+ANGLE_TOLERANCE = 1e-4
+"""Radians an Euler angle may lie outside [0, 2pi] x [0, pi] x [0, 2pi] (float32 rounding)."""
+
+CELL_EULER_TOLERANCE = 1e-3
+"""Radians by which per-cell orientations of one feature may differ from each other."""
+
+FEATURE_ID_NAMES = ("FeatureIds", "GrainIds")
+CELL_EULER_NAMES = ("EulerAngles", "CellEulerAngles")
+FEATURE_EULER_NAMES = ("EulerAngles", "AvgEulerAngles", "FeatureEulerAngles")
+LAUE_CLASSES = {1: "cubic", 0: "hexagonal"}
+"""DREAM3D/EbsdLib Laue class ids we support (Cubic_High m-3m, Hexagonal_High 6/mmm)."""
+LAUE_NAMES = {
+    0: "hexagonal 6/mmm", 1: "cubic m-3m", 2: "hexagonal 6/m", 3: "cubic m-3", 4: "triclinic",
+    5: "monoclinic", 6: "orthorhombic", 7: "tetragonal 4/m", 8: "tetragonal 4/mmm", 9: "trigonal -3",
+    10: "trigonal -3m", 999: "unknown",
+}
+LATTICE_FAMILIES = {"cF": "cubic", "cI": "cubic", "cP": "cubic", "hP": "hexagonal"}
+EXPORT_LATTICE = {"cubic": "cF", "hexagonal": "hP"}
+DREAM3D_VERSION = "6.5.171"
+SUFFIXES = (".h5", ".dream3d", ".vti")
+
+
+class FormatError(MicrofpError):
+    """A VE file in a foreign format (DREAM3D, DAMASK) that cannot be read or written; one line."""
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def read_ve_file(path: str | Path, crystal: str | None = None) -> VESet:
+    """Read one VE file, chosen by extension: ``.h5`` (our shard), ``.dream3d``, ``.vti`` (DAMASK).
+
+    ``crystal`` overrides the family stored in DREAM3D/DAMASK files; for a shard it must agree with
+    the shard (whose orientations are already reduced for its family).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".h5":
+        ves = read_shard(path)
+        if crystal is not None and _check_crystal(crystal, str(path)) != ves.crystal:
+            raise FormatError(f"{path}: shard holds {ves.crystal} VEs, not {crystal}")
+        return ves
+    if suffix == ".dream3d":
+        return read_dream3d(path, crystal=crystal)
+    if suffix == ".vti":
+        return read_damask(path, crystal=crystal)
+    raise FormatError(f"{path}: unknown VE file type {suffix or '(no extension)'!r}; expected one of {', '.join(SUFFIXES)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# DREAM3D
+
+
+def read_dream3d(
+    path: str | Path,
+    crystal: str | None = None,
+    resolution: float | None = None,
+    *,
+    container: str | None = None,
+) -> VESet:
+    """Read the VE of a DREAM3D file (see the module docstring for the supported layouts).
+
+    ``crystal`` (cubic|hexagonal) overrides ``CrystalStructures``; ``resolution`` (length units per
+    voxel) overrides ``SPACING``; ``container`` (an HDF5 group path, e.g.
+    ``DataContainers/SyntheticVolumeDataContainer``) picks one when the file holds several VEs.
+    """
+    path = Path(path)
+    source = str(path)
+    if crystal is not None:
+        crystal = _check_crystal(crystal, source)
+    if resolution is not None:
+        resolution = _check_resolution(resolution, source)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            fids, euler, per_cell, structures, spacing = _read_dream3d_arrays(f, source, container)
+    except MicrofpError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        raise FormatError(f"{path}: not a readable DREAM3D file ({_reason(err)})") from None
+
+    # fids (z, y, x) integer feature ids; euler (F+1, 3) per feature or (z, y, x, 3) per cell.
+    if resolution is None:
+        if spacing is None:
+            raise FormatError(f"{path}: no SPACING in the geometry; pass the resolution (length units per voxel)")
+        resolution = _isotropic(spacing, source, "SPACING")
+    if crystal is None:
+        crystal = _dream3d_crystal(structures, source)
+
+    uniq, first, inverse = np.unique(fids.reshape(-1), return_index=True, return_inverse=True)
+    _check_grain_count(len(uniq), source)
+    if per_cell:
+        cells = euler.reshape(-1, 3)
+        _check_angles(cells, source, "per-cell EulerAngles")
+        grain_euler = cells[first]
+        _check_constant(cells, grain_euler, inverse, uniq, source)
+    else:
+        if uniq[0] == 0:
+            count = int(np.count_nonzero(fids == 0))
+            raise FormatError(
+                f"{path}: {count} voxels have feature id 0 (DREAM3D's unassigned feature, no orientation); "
+                "fill them first (e.g. DREAM3D 'Fill Bad Data')"
+            )
+        if uniq[-1] >= euler.shape[0]:
+            raise FormatError(
+                f"{path}: FeatureIds go up to {int(uniq[-1])} but the feature Euler angles have only "
+                f"{euler.shape[0]} rows (features 0..{euler.shape[0] - 1})"
+            )
+        grain_euler = euler[uniq]
+        _check_angles(grain_euler, source, "feature EulerAngles")
+    grain_ids = inverse.reshape(fids.shape).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+    return _one_ve(grain_ids, _from_euler(grain_euler), crystal, resolution, source, "dream3d")
+
+
+def write_dream3d(path: str | Path, ves: VESet, index: int = 0, *, cell_euler: bool = True) -> Path:
+    """Export VE ``index`` of ``ves`` as a DREAM3D 6.x (SIMPL) file; returns the path written.
+
+    Writes ``DataContainers/SyntheticVolumeDataContainer`` with ``_SIMPL_GEOMETRY`` (DIMENSIONS,
+    ORIGIN, SPACING), ``CellData`` (FeatureIds = grain + 1, Phases and, if ``cell_euler``, per-cell
+    EulerAngles), ``CellFeatureData`` (AvgEulerAngles with the unused feature 0, Phases) and
+    ``CellEnsembleData`` (CrystalStructures, PhaseTypes). Atomic: temp file, then rename.
+    """
+    path = Path(path)
+    g, e = _export_ve(ves, index, str(path))
+    n = g.shape[0]
+    dims_xyz = np.array([n, n, n], dtype=np.int64)
+    tuple_dims = np.array([n, n, n], dtype=np.uint64)
+    fids = np.ascontiguousarray((g.astype(np.int32) + 1).transpose(2, 1, 0)[..., None])  # (z, y, x, 1)
+    feature_euler = np.vstack([np.zeros((1, 3), np.float32), e]).astype(np.float32)
+    laue = {v: k for k, v in LAUE_CLASSES.items()}[ves.crystal]
+
+    def array(group: h5py.Group, name: str, data: np.ndarray, type_name: str, tdims: np.ndarray) -> None:
+        opts: dict[str, Any] = dict(track_times=False)
+        if data.size >= 4096:
+            opts.update(compression="gzip", compression_opts=4, shuffle=True)
+        ds = group.create_dataset(name, data=data, **opts)
+        ds.attrs["ComponentDimensions"] = np.array(data.shape[len(data.shape) - 1 :], dtype=np.uint64)
+        ds.attrs["DataArrayVersion"] = np.int32(2)
+        ds.attrs["ObjectType"] = np.bytes_(f"DataArray<{type_name}>")
+        ds.attrs["TupleDimensions"] = tdims
+
+    def matrix(group: h5py.Group, name: str, am_type: int, tdims: np.ndarray) -> h5py.Group:
+        am = group.create_group(name)
+        am.attrs["AttributeMatrixType"] = np.uint32(am_type)
+        am.attrs["TupleDimensions"] = tdims
+        return am
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f:
+            f.attrs["DREAM3D Version"] = np.bytes_(DREAM3D_VERSION)
+            f.attrs["FileVersion"] = np.bytes_("7.0")
+            f.create_group("DataContainerBundles")
+            pipeline = f.create_group("Pipeline")
+            pipeline.attrs["Pipeline Version"] = np.int32(2)
+            pipeline.create_dataset(
+                "Pipeline",
+                data=np.bytes_('{"PipelineBuilder": {"Name": "microfp export", "Number_Filters": 0, "Version": 6}}'),
+                track_times=False,
+            )
+            dc = f.create_group("DataContainers").create_group("SyntheticVolumeDataContainer")
+            geom = dc.create_group("_SIMPL_GEOMETRY")
+            for key, value in (
+                ("GeometryName", np.bytes_("ImageGeometry")),
+                ("GeometryType", np.uint32(0)),
+                ("GeometryTypeName", np.bytes_("ImageGeometry")),
+                ("SpatialDimensionality", np.uint32(3)),
+                ("UnitDimensionality", np.uint32(3)),
+            ):
+                geom.attrs[key] = value
+            geom.create_dataset("DIMENSIONS", data=dims_xyz, track_times=False)
+            geom.create_dataset("ORIGIN", data=np.zeros(3, np.float32), track_times=False)
+            geom.create_dataset("SPACING", data=np.full(3, ves.resolution, np.float32), track_times=False)
+
+            cell = matrix(dc, "CellData", 3, tuple_dims)
+            array(cell, "FeatureIds", fids, "int32_t", tuple_dims)
+            array(cell, "Phases", np.ones_like(fids), "int32_t", tuple_dims)
+            if cell_euler:
+                array(cell, "EulerAngles", np.ascontiguousarray(feature_euler[fids[..., 0]]), "float", tuple_dims)
+            ftd = np.array([feature_euler.shape[0]], dtype=np.uint64)
+            feature = matrix(dc, "CellFeatureData", 7, ftd)
+            array(feature, "AvgEulerAngles", feature_euler, "float", ftd)
+            phases = np.ones((feature_euler.shape[0], 1), np.int32)
+            phases[0] = 0
+            array(feature, "Phases", phases, "int32_t", ftd)
+            etd = np.array([2], dtype=np.uint64)
+            ensemble = matrix(dc, "CellEnsembleData", 11, etd)
+            array(ensemble, "CrystalStructures", np.array([[999], [laue]], np.uint32), "uint32_t", etd)
+            array(ensemble, "PhaseTypes", np.array([[999], [0]], np.uint32), "uint32_t", etd)
+
+    _atomic_write({path: write}, str(path))
+    return path
+
+
+def _read_dream3d_arrays(
+    f: h5py.File, source: str, container: str | None
+) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray | None, np.ndarray | None]:
+    """(feature ids (z,y,x), Euler angles, per_cell, CrystalStructures or None, SPACING or None)."""
+    root: h5py.Group = f
+    if container is not None:
+        if container not in f or not isinstance(f[container], h5py.Group):
+            raise FormatError(f"{source}: no group {container!r} in the file")
+        root = f[container]
+    found: list[h5py.Dataset] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and name.rsplit("/", 1)[-1] in FEATURE_ID_NAMES:
+            found.append(obj)
+
+    root.visititems(visit)
+    if not found:
+        raise FormatError(
+            f"{source}: no FeatureIds array found (expected e.g. DataContainers/<name>/CellData/FeatureIds)"
+        )
+    if len(found) > 1:
+        names = ", ".join(ds.name for ds in found[:4])
+        raise FormatError(f"{source}: several FeatureIds arrays ({names}); choose one with container=")
+    ids_ds = found[0]
+    cell_am, dc = ids_ds.parent, ids_ds.parent.parent
+    shape = ids_ds.shape
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise FormatError(f"{source}: {ids_ds.name} has shape {shape}, expected (z, y, x, 1)")
+    if ids_ds.dtype.kind not in "iu":
+        raise FormatError(f"{source}: {ids_ds.name} has dtype {ids_ds.dtype}, expected integers")
+    zyx = tuple(int(s) for s in shape[:3])
+
+    dims, spacing = _dream3d_geometry(dc)
+    if dims is not None and tuple(int(d) for d in dims[::-1]) != zyx:
+        raise FormatError(
+            f"{source}: {ids_ds.name} has {zyx[2]} x {zyx[1]} x {zyx[0]} (x, y, z) cells but the geometry "
+            f"DIMENSIONS are {' x '.join(str(int(d)) for d in dims)}"
+        )
+    if len(set(zyx)) != 1 or zyx[0] < 1:
+        raise FormatError(
+            f"{source}: VE must be cubic (n x n x n voxels), got {zyx[2]} x {zyx[1]} x {zyx[0]} (x, y, z)"
+        )
+
+    feature_ds = None
+    for group in _subgroups(dc, exclude=cell_am.name):
+        for name in FEATURE_EULER_NAMES:
+            if name in group and isinstance(group[name], h5py.Dataset):
+                feature_ds = group[name]
+                break
+        if feature_ds is not None:
+            break
+    cell_ds = next(
+        (cell_am[n] for n in CELL_EULER_NAMES if n in cell_am and isinstance(cell_am[n], h5py.Dataset)), None
+    )
+    if feature_ds is None and cell_ds is None:
+        raise FormatError(
+            f"{source}: no Euler angles found next to {ids_ds.name} (expected per-feature EulerAngles or "
+            "AvgEulerAngles (F+1, 3), or per-cell EulerAngles (z, y, x, 3))"
+        )
+    fids = np.asarray(ids_ds[()]).reshape(zyx)
+    if fids.size and fids.min() < 0:
+        raise FormatError(f"{source}: {ids_ds.name} has negative feature ids (min {int(fids.min())})")
+    if feature_ds is not None:
+        if feature_ds.ndim != 2 or feature_ds.shape[1] != 3:
+            raise FormatError(f"{source}: {feature_ds.name} has shape {feature_ds.shape}, expected (features + 1, 3)")
+        euler, per_cell = np.asarray(feature_ds[()], dtype=np.float64), False
+    else:
+        assert cell_ds is not None
+        if cell_ds.shape not in (zyx + (3,),):
+            raise FormatError(f"{source}: {cell_ds.name} has shape {cell_ds.shape}, expected {zyx + (3,)}")
+        euler, per_cell = np.asarray(cell_ds[()], dtype=np.float64), True
+
+    structures = None
+    for group in _subgroups(dc, exclude=cell_am.name):
+        if "CrystalStructures" in group and isinstance(group["CrystalStructures"], h5py.Dataset):
+            structures = np.asarray(group["CrystalStructures"][()]).reshape(-1)
+            used = _used_phases(cell_am, zyx)
+            if used is not None:
+                used = used[(used > 0) & (used < structures.size)]
+                structures = structures[used] if used.size else structures[1:]
+            else:
+                structures = structures[1:]
+            break
+    return fids, euler, per_cell, structures, spacing
+
+
+def _dream3d_geometry(dc: h5py.Group) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(DIMENSIONS, SPACING) of an image geometry: SIMPL datasets or DREAM3D-NX attributes."""
+    dims = spacing = None
+    geom = dc.get("_SIMPL_GEOMETRY")
+    if isinstance(geom, h5py.Group):
+        if isinstance(geom.get("DIMENSIONS"), h5py.Dataset):
+            dims = np.asarray(geom["DIMENSIONS"][()]).reshape(-1)
+        if isinstance(geom.get("SPACING"), h5py.Dataset):
+            spacing = np.asarray(geom["SPACING"][()], dtype=np.float64).reshape(-1)
+    if dims is None and "_DIMENSIONS" in dc.attrs:
+        dims = np.asarray(dc.attrs["_DIMENSIONS"]).reshape(-1)
+    if spacing is None and "_SPACING" in dc.attrs:
+        spacing = np.asarray(dc.attrs["_SPACING"], dtype=np.float64).reshape(-1)
+    if dims is not None and dims.size != 3:
+        raise FormatError(f"{dc.file.filename}: geometry DIMENSIONS {dims.tolist()} are not 3D")
+    return dims, spacing
+
+
+def _subgroups(group: h5py.Group, exclude: str) -> list[h5py.Group]:
+    """Child groups of ``group`` except ``exclude``, feature matrices (AttributeMatrixType 7) first."""
+    children = [group[k] for k in sorted(group.keys()) if isinstance(group.get(k), h5py.Group)]
+    children = [c for c in children if c.name != exclude and not c.name.endswith("_SIMPL_GEOMETRY")]
+    return sorted(children, key=lambda c: 0 if int(np.asarray(c.attrs.get("AttributeMatrixType", 0)).reshape(-1)[0]) == 7 else 1)
+
+
+def _used_phases(cell_am: h5py.Group, zyx: tuple[int, ...]) -> np.ndarray | None:
+    ds = cell_am.get("Phases")
+    if isinstance(ds, h5py.Dataset) and ds.size == math.prod(zyx) and ds.dtype.kind in "iu":
+        return np.unique(np.asarray(ds[()]).reshape(-1)).astype(np.int64)
+    return None
+
+
+def _dream3d_crystal(structures: np.ndarray | None, source: str) -> str:
+    if structures is None:
+        raise FormatError(f"{source}: no CrystalStructures in the file; pass crystal='cubic' or 'hexagonal'")
+    values = sorted({int(v) for v in structures} - {999})
+    if not values:
+        raise FormatError(f"{source}: CrystalStructures names no phase; pass crystal='cubic' or 'hexagonal'")
+    unsupported = [v for v in values if v not in LAUE_CLASSES]
+    if unsupported:
+        names = ", ".join(f"{v} ({LAUE_NAMES.get(v, 'unknown')})" for v in unsupported)
+        raise FormatError(
+            f"{source}: unsupported crystal structure {names}; only 1 (cubic m-3m) and 0 (hexagonal 6/mmm), "
+            "or pass crystal= to override"
+        )
+    families = sorted({LAUE_CLASSES[v] for v in values})
+    if len(families) > 1:
+        raise FormatError(f"{source}: phases of several crystal families ({', '.join(families)}); pass crystal=")
+    return families[0]
+
+
+def _check_constant(cells: np.ndarray, ref: np.ndarray, inverse: np.ndarray, uniq: np.ndarray, source: str) -> None:
+    """Per-cell orientations must be one orientation per feature (up to CELL_EULER_TOLERANCE)."""
+    expected = ref[inverse]
+    if np.array_equal(cells, expected):
+        return
+    import damask
+
+    differs = np.any(cells != expected, axis=1)
+    q = damask.Rotation.from_Euler_angles(cells[differs]).quaternion
+    q_ref = damask.Rotation.from_Euler_angles(expected[differs]).quaternion
+    dot = np.clip(np.abs(np.sum(q * q_ref, axis=-1)), 0.0, 1.0)
+    angle = 2.0 * np.arccos(dot)
+    worst = int(np.argmax(angle))
+    if angle[worst] > CELL_EULER_TOLERANCE:
+        fid = int(uniq[inverse[np.flatnonzero(differs)[worst]]])
+        raise FormatError(
+            f"{source}: per-cell EulerAngles of feature {fid} differ by up to {math.degrees(angle[worst]):.3g} deg; "
+            "expected one orientation per feature (add per-feature AvgEulerAngles)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# DAMASK
+
+
+def read_damask(vti_path: str | Path, material_path: str | Path | None = None, crystal: str | None = None) -> VESet:
+    """Read a DAMASK grid (``.vti``) and its ``material.yaml`` (default: next to the grid).
+
+    ``crystal`` (cubic|hexagonal) overrides the family given by the phases' ``lattice``.
+    """
+    vti_path = Path(vti_path)
+    source = str(vti_path)
+    if crystal is not None:
+        crystal = _check_crystal(crystal, source)
+    if not vti_path.is_file():
+        raise FormatError(f"{vti_path}: no such file")
+    material_path = Path(material_path) if material_path is not None else vti_path.with_name("material.yaml")
+    if not material_path.is_file():
+        raise FormatError(f"{material_path}: no such file (the material configuration of {vti_path.name}; pass material_path)")
+    material, size = _load_vti(vti_path)
+    materials, phases = _load_material_yaml(material_path)
+
+    cells = material.shape
+    if len(set(cells)) != 1:
+        raise FormatError(f"{source}: VE must be cubic (n x n x n voxels), got {cells[0]} x {cells[1]} x {cells[2]}")
+    resolution = _isotropic(np.asarray(size, dtype=np.float64) / np.asarray(cells), source, "grid size / cells")
+    if material.dtype.kind == "f":
+        if not np.all(np.isfinite(material)) or not np.array_equal(material, np.round(material)):
+            raise FormatError(f"{source}: material ids are not integers")
+    elif material.dtype.kind not in "iu":
+        raise FormatError(f"{source}: material ids have dtype {material.dtype}, expected integers")
+    material = material.astype(np.int64)
+    if material.min() < 0:
+        raise FormatError(f"{source}: negative material id {int(material.min())}")
+    uniq, inverse = np.unique(material.reshape(-1), return_inverse=True)
+    _check_grain_count(len(uniq), source)
+    if uniq[-1] >= len(materials):
+        missing = uniq[uniq >= len(materials)]
+        raise FormatError(
+            f"{source}: material ids {_few(missing)} have no entry in {material_path.name} "
+            f"({len(materials)} materials, ids 0..{len(materials) - 1})"
+        )
+
+    quats = np.empty((len(uniq), 4))
+    families: set[str] = set()
+    for k, m in enumerate(uniq):
+        q, phase = _constituent(materials[int(m)], int(m), material_path)
+        quats[k] = q
+        if crystal is None:
+            families.add(_phase_family(phase, phases, material_path))
+    if crystal is None:
+        if len(families) > 1:
+            raise FormatError(f"{material_path}: materials of several crystal families ({', '.join(sorted(families))}); pass crystal=")
+        crystal = families.pop()
+    import damask
+
+    rotations = damask.Rotation.from_quaternion(quats, accept_homomorph=True)
+    grain_ids = inverse.reshape(cells)
+    return _one_ve(grain_ids, rotations, crystal, resolution, source, "damask")
+
+
+def write_damask(
+    out_dir: str | Path,
+    ves: VESet,
+    index: int = 0,
+    phase_name: str | None = None,
+    *,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """Export VE ``index`` of ``ves`` as ``<out_dir>/<name>.vti`` and ``<out_dir>/material.yaml``.
+
+    Material ``g`` is grain ``g`` (one constituent of phase ``phase_name``, default the crystal
+    family, lattice cF or hP, orientation ``damask.Rotation.from_Euler_angles``), homogenization
+    ``SX``; the grid size is n * resolution. ``name`` defaults to ``ve<ve_index>``. An existing,
+    different ``material.yaml`` (another VE's) is refused unless ``overwrite``. Returns the two paths.
+    """
+    import damask
+
+    out_dir = Path(out_dir)
+    source = str(out_dir)
+    g, e = _export_ve(ves, index, source)
+    name = name if name is not None else f"ve{int(ves.ve_index[index])}"
+    phase_name = phase_name if phase_name is not None else ves.crystal
+    if not name or "/" in name or os.sep in name:
+        raise FormatError(f"{out_dir}: bad grid name {name!r}")
+    vti_path = out_dir / f"{name}.vti"
+    material_path = out_dir / "material.yaml"
+
+    config = damask.ConfigMaterial().material_add(
+        O=damask.Rotation.from_Euler_angles(e.astype(np.float64)), phase=phase_name, homogenization="SX"
+    )
+    config["homogenization"]["SX"] = {"N_constituents": 1, "mechanical": {"type": "pass"}}
+    config["phase"][phase_name] = {"lattice": EXPORT_LATTICE[ves.crystal]}
+    n = g.shape[0]
+    grid = damask.GeomGrid(
+        material=g.astype(np.int32),
+        size=np.full(3, n * float(ves.resolution)),
+        comments=[f"microfp export: VE {int(ves.ve_index[index])}, {ves.crystal}, resolution {ves.resolution:g}"],
+    )
+    if material_path.exists() and not overwrite:
+        try:
+            same = material_path.read_text() == _yaml_text(config)
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if not same:
+            raise FormatError(
+                f"{material_path}: exists and belongs to another VE; export into another directory or pass overwrite=True"
+            )
+
+    def write_vti(tmp: Path) -> None:
+        with _quiet_vtk():
+            grid.save(tmp)
+        _load_vti(tmp)  # VTK writers report failure only on stderr: read back what was written
+
+    def write_yaml(tmp: Path) -> None:
+        config.save(tmp)
+
+    _atomic_write({vti_path: write_vti, material_path: write_yaml}, source)
+    return vti_path, material_path
+
+
+def _load_vti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(material (x, y, z), size (3,)) of a VTK image data file; FormatError if it is not one."""
+    try:
+        import damask
+        from vtkmodules.vtkCommonCore import vtkCommand
+        from vtkmodules.vtkIOXML import vtkXMLImageDataReader
+
+        errors: list[str] = []
+        reader = vtkXMLImageDataReader()
+        reader.AddObserver(vtkCommand.ErrorEvent, lambda obj, event: errors.append(event))
+        reader.SetFileName(str(path))
+        with _quiet_vtk():
+            reader.Update()
+        data = reader.GetOutput()
+        dims = tuple(int(d) for d in data.GetDimensions()) if data is not None else (0, 0, 0)
+        if errors or reader.GetErrorCode() or min(dims) < 1:
+            raise FormatError(f"{path}: not a readable VTK image data (.vti) file (truncated or malformed)")
+        if len(dims) != 3 or min(dims) < 2:
+            raise FormatError(f"{path}: grid has {' x '.join(str(d - 1) for d in dims)} cells, expected a 3D grid")
+        cells = tuple(d - 1 for d in dims)
+        vtk = damask.VTK(data)
+        if "material" not in vtk.labels.get("Cell Data", []):
+            raise FormatError(f"{path}: no cell array 'material' in the grid (not a DAMASK grid)")
+        material = np.asarray(vtk.get("material"))
+        if material.ndim != 1 or material.size != math.prod(cells):
+            raise FormatError(f"{path}: 'material' has {material.size} values for {cells} cells")
+        bounds = np.array(data.GetBounds(), dtype=np.float64).reshape(3, 2)
+        size = bounds[:, 1] - bounds[:, 0]
+        return material.reshape(cells, order="F"), size
+    except MicrofpError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as err:
+        raise FormatError(f"{path}: not a readable DAMASK grid ({_reason(err)})") from None
+
+
+def _load_material_yaml(path: Path) -> tuple[list[Any], dict[str, Any]]:
+    """(material list, phase dict) of a DAMASK material configuration."""
+    import damask
+    import yaml
+
+    try:
+        config = damask.ConfigMaterial.load(path)
+    except yaml.YAMLError as err:
+        raise FormatError(f"{path}: malformed YAML ({_reason(err)})") from None
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise FormatError(f"{path}: not a readable material configuration ({_reason(err)})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("material"), list) or not config["material"]:
+        raise FormatError(f"{path}: no 'material' list (not a DAMASK material configuration)")
+    phases = config.get("phase")
+    return config["material"], phases if isinstance(phases, dict) else {}
+
+
+def _constituent(entry: Any, m: int, path: Path) -> tuple[np.ndarray, Any]:
+    """(unit quaternion, phase name) of the single constituent of material ``m``."""
+    constituents = entry.get("constituents") if isinstance(entry, dict) else None
+    if not isinstance(constituents, list) or not constituents:
+        raise FormatError(f"{path}: material {m} has no constituents")
+    if len(constituents) != 1:
+        raise FormatError(f"{path}: material {m} has {len(constituents)} constituents; only single-constituent materials (one grain each) are supported")
+    c = constituents[0]
+    if not isinstance(c, dict) or "O" not in c:
+        raise FormatError(f"{path}: material {m} has no orientation O")
+    try:
+        q = np.asarray(c["O"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: orientation O of material {m} is not a list of 4 numbers") from None
+    if q.shape != (4,):
+        raise FormatError(f"{path}: orientation O of material {m} has shape {q.shape}, expected a quaternion of 4 numbers")
+    if not np.all(np.isfinite(q)):
+        raise FormatError(f"{path}: orientation O of material {m} has NaN or infinite values")
+    norm = float(np.linalg.norm(q))
+    if abs(norm - 1.0) > 1e-3:
+        raise FormatError(f"{path}: orientation O of material {m} is not a unit quaternion (norm {norm:.4g})")
+    return q / norm, c.get("phase")
+
+
+def _phase_family(phase: Any, phases: dict[str, Any], path: Path) -> str:
+    if not isinstance(phase, str) or phase not in phases:
+        raise FormatError(f"{path}: phase {phase!r} is not defined under 'phase'; pass crystal=")
+    spec = phases[phase]
+    lattice = spec.get("lattice") if isinstance(spec, dict) else None
+    if lattice is None:
+        raise FormatError(f"{path}: phase {phase!r} has no lattice; pass crystal='cubic' or 'hexagonal'")
+    if lattice not in LATTICE_FAMILIES:
+        raise FormatError(f"{path}: phase {phase!r} has unsupported lattice {lattice!r} (cF, cI, cP, hP), or pass crystal=")
+    return LATTICE_FAMILIES[lattice]
+
+
+def _yaml_text(config: Any) -> str:
+    import io
+
+    buffer = io.StringIO()
+    config.save(buffer)
+    return buffer.getvalue()
+
+
+class _quiet_vtk:
+    """Silence VTK's error printing (we report one line ourselves)."""
+
+    def __enter__(self) -> None:
+        from vtkmodules.vtkCommonCore import vtkObject
+
+        self._previous = vtkObject.GetGlobalWarningDisplay()
+        vtkObject.GlobalWarningDisplayOff()
+
+    def __exit__(self, *exc: object) -> None:
+        from vtkmodules.vtkCommonCore import vtkObject
+
+        vtkObject.SetGlobalWarningDisplay(self._previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _one_ve(grain_ids: np.ndarray, rotations: Any, crystal: str, resolution: float, source: str, fmt: str) -> VESet:
+    """One-VE VESet from (x, y, z) grain ids 0..G-1 and G rotations, reduced to the fundamental zone."""
+    import damask
+
+    euler = damask.Orientation(rotation=rotations, family=crystal).reduced.as_Euler_angles()
+    euler = np.clip(euler, 0.0, EULER_SCALE.astype(np.float64)).astype(np.float32)
+    ves = VESet(
+        grain_ids=np.ascontiguousarray(grain_ids.astype(np.uint16))[None],
+        euler=euler[None],
+        n_grains=np.array([euler.shape[0]], dtype=np.int32),
+        ve_index=np.zeros(1, dtype=np.int64),
+        esd_target=np.full(1, np.nan, dtype=np.float32),
+        crystal=crystal,
+        resolution=float(resolution),
+        attrs={"source": source, "source_format": fmt},
+    )
+    validate(ves, source)
+    return ves
+
+
+def _from_euler(euler: np.ndarray) -> Any:
+    import damask
+
+    return damask.Rotation.from_Euler_angles(np.asarray(euler, dtype=np.float64))
+
+
+def _export_ve(ves: VESet, index: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(grain ids (n,n,n), Euler (G,3)) of VE ``index``, after validating the set."""
+    validate(ves, source)
+    if not isinstance(index, (int, np.integer)) or not 0 <= index < len(ves):
+        raise FormatError(f"{source}: VE index {index} out of range 0..{len(ves) - 1}")
+    return ves.grain_ids[index], np.asarray(ves.grain_euler(index), dtype=np.float32)
+
+
+def _atomic_write(writers: dict[Path, Callable[[Path], None]], source: str) -> None:
+    """Write each path through its temp sibling, then rename all; on failure leave nothing new."""
+    temps = {path: _temp_name(path) for path in writers}
+    renamed: list[Path] = []
+    try:
+        for path, write in writers.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(temps[path])
+            if not temps[path].is_file():
+                raise FormatError(f"{path}: writing failed (no output produced)")
+        for path, tmp in temps.items():
+            existed = path.exists()
+            os.replace(tmp, path)
+            if not existed:
+                renamed.append(path)
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        _rollback(renamed)
+        if isinstance(err, MicrofpError):
+            raise
+        raise FormatError(f"{source}: cannot write ({_reason(err)})") from None
+    except BaseException:  # KeyboardInterrupt and the like: still leave nothing half-done
+        _rollback(renamed)
+        raise
+    finally:
+        for tmp in temps.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def _rollback(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _temp_name(path: Path) -> Path:
+    """Temp sibling that keeps the suffix (VTK appends '.vti' to names that lack it)."""
+    tmp = atomic_path(path)
+    return tmp.with_name(tmp.name + path.suffix) if path.suffix else tmp
+
+
+def _check_crystal(crystal: str, source: str) -> str:
+    if crystal not in CRYSTAL_FAMILIES:
+        raise FormatError(f"{source}: crystal family must be cubic or hexagonal, got {crystal!r}")
+    return crystal
+
+
+def _check_resolution(resolution: float, source: str) -> float:
+    try:
+        value = float(resolution)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise FormatError(f"{source}: resolution must be a positive number, got {resolution!r}")
+    return value
+
+
+def _isotropic(spacing: np.ndarray, source: str, what: str) -> float:
+    spacing = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if spacing.size != 3 or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise FormatError(f"{source}: {what} {spacing.tolist()} is not three positive numbers")
+    if not np.allclose(spacing, spacing[0], rtol=1e-5, atol=0):
+        raise FormatError(f"{source}: voxels must be cubes, but {what} is {spacing.tolist()}; pass resolution= to override")
+    return float(spacing[0])
+
+
+def _check_grain_count(count: int, source: str) -> None:
+    if count > MAX_GRAINS:
+        raise FormatError(f"{source}: {count} grains, more than the {MAX_GRAINS} a VE may have")
+
+
+def _check_angles(euler: np.ndarray, source: str, what: str) -> None:
+    if not np.all(np.isfinite(euler)):
+        raise FormatError(f"{source}: {what} contain NaN or infinite values")
+    upper = EULER_SCALE.astype(np.float64) + ANGLE_TOLERANCE
+    if euler.size and (np.any(euler < -ANGLE_TOLERANCE) or np.any(euler > upper)):
+        hi = euler.max(axis=0)
+        raise FormatError(
+            f"{source}: {what} outside [0, 2pi] x [0, pi] x [0, 2pi] radians (max {hi[0]:.4g}, {hi[1]:.4g}, "
+            f"{hi[2]:.4g}; degrees given as radians?)"
+        )
+
+
+def _few(values: np.ndarray, k: int = 5) -> str:
+    text = ", ".join(str(int(v)) for v in values[:k])
+    return text + (", ..." if len(values) > k else "")
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return " ".join(text.split())[:200]
+
+
+# Keep ShardError importable from here: readers may raise it (shards.validate) as well as FormatError.
+__all__ += ["ShardError"]
