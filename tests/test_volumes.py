@@ -200,3 +200,15 @@ def test_relabel_contiguous_keeps_order_and_drops_empty():
     assert ids.dtype == np.uint16
     assert ids.tolist() == [[1, 1], [0, 2]]
     assert kept.nonzero()[0].tolist() == [2, 5, 7]
+
+
+def test_effective_grains_per_face_weights_by_section_area():
+    from microfp.volumes import effective_grains_per_face, grains_per_face
+
+    g = np.zeros((4, 4, 4), dtype=np.uint16)
+    g[:, :2, :] = 1  # two equal halves along y: every face shows 2 grains, or 1 on the y faces
+    assert grains_per_face(g) == pytest.approx((2 + 2 + 1 + 1 + 2 + 2) / 6)
+    assert effective_grains_per_face(g) == pytest.approx((2 + 2 + 1 + 1 + 2 + 2) / 6)
+    g[0, 0, 0] = 2  # a grain grazing three faces with one voxel: counted fully, weighted by 1/16
+    assert grains_per_face(g) == pytest.approx((3 + 2 + 2 + 1 + 3 + 2) / 6)
+    assert effective_grains_per_face(g) < grains_per_face(g) - 0.3

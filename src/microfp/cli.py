@@ -7,6 +7,7 @@ with a one-line ``microfp: error: ...`` on stderr and exit code 2, never a trace
 
 from __future__ import annotations
 
+import importlib
 import sys
 from enum import Enum
 from pathlib import Path
@@ -187,8 +188,24 @@ def _pick(ves, index: int, source: Path):  # noqa: ANN001, ANN202 - VESet in, VE
     )
 
 
+# Stages whose modules import torch, Lightning or Dask (seconds of start-up): their commands are
+# registered only when they are the command being run, or when the command list is shown.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("microfp.train", "train_command"),
+}
+
+
+def _register_lazy_commands(argv: list[str]) -> None:
+    words = [a for a in argv if not a.startswith("-")]
+    for name, (module, function) in LAZY_COMMANDS.items():
+        if not words or words[0] == name:
+            app.command(name)(getattr(importlib.import_module(module), function))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; print bad input as one line and return exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    _register_lazy_commands(argv)
     try:
         app(args=argv, standalone_mode=False, prog_name="microfp")
     except typer.Exit as err:

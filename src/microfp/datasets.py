@@ -214,15 +214,19 @@ def set_statistics(set_dir: Path, spec: SetSpec, max_ves: int = 1000) -> dict[st
     """Measured statistics of a set (on its first ``max_ves`` VEs; the VE count is exact).
 
     ESDs are in length units; ``grains_per_face`` is the mean number of distinct grains on
-    each of the six faces of a VE. Textured sets also get the mean orientation (Bunge, degrees)
+    each of the six faces of a VE, ``grains_per_face_effective`` the area-weighted count
+    (:func:`microfp.volumes.effective_grains_per_face`); ``elongation_x_to_yz`` is the ratio of
+    mean intercept lengths along x and along y, z (1 for equiaxed grains, ~2 for 2:1:1). Textured sets also get the mean orientation (Bunge, degrees)
     and the misorientation of the grains to the ideal component (degrees).
     """
     n_ves = sum(_shard_len(p) for p in shards.shard_paths(set_dir))
-    esds, faces, grains, eulers = [], [], [], []
+    esds, faces, effective, intercepts, grains, eulers = [], [], [], [], [], []
     crystal = "cubic"
     for ves, i in iter_ves(set_dir, max_ves):
         esds.append(volumes.grain_esd(ves.grain_ids[i], ves.resolution))
         faces.append(volumes.grains_per_face(ves.grain_ids[i]))
+        effective.append(volumes.effective_grains_per_face(ves.grain_ids[i]))
+        intercepts.append(volumes.mean_intercept_lengths(ves.grain_ids[i], ves.resolution))
         grains.append(int(ves.n_grains[i]))
         eulers.append(ves.grain_euler(i))
         crystal = ves.crystal
@@ -235,6 +239,8 @@ def set_statistics(set_dir: Path, spec: SetSpec, max_ves: int = 1000) -> dict[st
         "esd_target": float(np.mean(spec.esd_means)),
         "grains_per_face": float(np.mean(faces)),
         "grains_per_face_std": float(np.std(faces)),
+        "grains_per_face_effective": float(np.mean(effective)),
+        "elongation_x_to_yz": float(np.mean([m[0] / (0.5 * (m[1] + m[2])) for m in intercepts])),
         "grains_per_ve": float(np.mean(grains)),
     }
     if spec.texture != "random":

@@ -66,6 +66,7 @@ __all__ = [
     "generate_ve",
     "generate_ve_detailed",
     "grain_esd",
+    "effective_grains_per_face",
     "grains_per_face",
     "mean_intercept_lengths",
     "relabel_contiguous",
@@ -443,6 +444,21 @@ def grains_per_face(grain_ids: np.ndarray) -> float:
     g = np.asarray(grain_ids)
     faces = [g[0], g[-1], g[:, 0], g[:, -1], g[:, :, 0], g[:, :, -1]]
     return float(np.mean([np.unique(f).size for f in faces]))
+
+
+def effective_grains_per_face(grain_ids: np.ndarray) -> float:
+    """Mean over the six faces of the area-weighted number of grains, ``1 / sum_i (a_i / A)^2``.
+
+    ``a_i`` is the area of grain ``i``'s section on the face and ``A`` the face area (the inverse
+    Simpson index). Unlike :func:`grains_per_face` it hardly counts grains that only graze the face,
+    so it is closer to a by-eye count of the grains seen on a face (as in the paper's "~10 grains
+    per face"). For space-filling grains of ESD D in a box of edge L the distinct count is about
+    ``L^2 N_V <caliper diameter>`` by stereology (~16 for D = 5.78, L = 16), this one ~12.
+    """
+    g = np.asarray(grain_ids)
+    faces = [g[0], g[-1], g[:, 0], g[:, -1], g[:, :, 0], g[:, :, -1]]
+    fractions = [np.unique(f, return_counts=True)[1] / f.size for f in faces]
+    return float(np.mean([1.0 / np.sum(p**2) for p in fractions]))
 
 
 def mean_intercept_lengths(grain_ids: np.ndarray, resolution: float = 1.0) -> np.ndarray:
