@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, tiny_raw
+from conftest import make_stage_project, run_tool
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -26,30 +24,12 @@ SETS = {
 
 
 def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+    return run_tool(*args, cwd=cwd, check=check, timeout=900)
 
 
 def make_project(where: Path) -> Path:
-    """A copy of the repository's pipeline with a tiny params.yaml, as its own git repo."""
-    where.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, where / name)
-    shutil.copytree(ROOT / "src", where / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    raw = tiny_raw(**SETS)
-    raw["generate"]["workers"] = 2
-    (where / "params.yaml").write_text(yaml.safe_dump(raw))
-    sh("git", "init", "-q", cwd=where)
-    sh("git", "config", "user.email", "test@example.com", cwd=where)
-    sh("git", "config", "user.name", "test", cwd=where)
-    sh("dvc", "init", "-q", cwd=where)
-    sh("dvc", "config", "core.analytics", "false", cwd=where)
-    sh("git", "add", "-A", cwd=where)
-    sh("git", "commit", "-qm", "tiny project", cwd=where)
-    return where
+    """A git + DVC copy of the generate part of the pipeline with a tiny params.yaml."""
+    return make_stage_project(where, SETS)
 
 
 def lock_hashes(project: Path) -> dict[str, str]:
