@@ -17,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_store(tmp_path_factory, monkeypatch):
+    """Runs that the stages log during tests go to a throw-away store, never the repo's mlflow.db.
+    Tests that start their own `mlflow server` override MLFLOW_TRACKING_URI themselves."""
+    store = tmp_path_factory.getbasetemp() / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+
+
 @pytest.fixture
 def default_raw() -> dict:
     """The repository's params.yaml as a plain mapping (a fresh copy per test)."""

@@ -192,6 +192,10 @@ def _pick(ves, index: int, source: Path):  # noqa: ANN001, ANN202 - VESet in, VE
 # registered only when they are the command being run, or when the command list is shown.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("microfp.train", "train_command"),
+    "evaluate": ("microfp.evaluate", "evaluate_command"),
+    "fingerprint": ("microfp.fingerprints", "fingerprint_command"),
+    "analyse": ("microfp.analysis", "analyse_command"),
+    "simulate": ("microfp.simulate", "simulate_command"),
     "surrogate": ("microfp.surrogate", "surrogate_command"),
     "predict": ("microfp.surrogate", "predict_command"),
     "release": ("microfp.release", "release_command"),

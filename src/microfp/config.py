@@ -93,7 +93,7 @@ class TrainParams(_Strict):
     train_set: str = "train"
     val_set: str = "val"
     epochs: int = Field(5, gt=0, le=100_000)
-    max_steps: int = Field(-1, ge=-1, description="stop after this many optimizer steps; -1 = no limit")
+    limit_train_batches: int = Field(0, ge=0, description="train batches per epoch (quick runs); 0 = all")
     batch_size: int = Field(8, gt=0, le=65_536)
     lr: PositiveFloat = 1e-5
     weight_decay: float = Field(1e-5, ge=0)
@@ -103,7 +103,7 @@ class TrainParams(_Strict):
         32, gt=0, le=4096, description="channels of the 1x1 squeeze before the hidden layer"
     )
     alpha: float = Field(0.999, ge=0, le=1, description="weight of BCE vs FFT-MSE")
-    beta: float = Field(1.0, ge=0, description="weight of the KL term (per latent dimension mean)")
+    beta: float = Field(1.0, ge=0, description="weight of the KL term; 1 = standard VAE (ELBO per voxel)")
     beta_warmup_epochs: int = Field(0, ge=0, description="linear KL warm-up from 0 over these epochs")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | Literal["auto"] = "auto"
@@ -111,6 +111,7 @@ class TrainParams(_Strict):
     strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true", "fsdp"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"] = "auto"
     num_workers: int = Field(-1, ge=-1, le=256, description="DataLoader workers; -1 = auto")
+    threads: int = Field(0, ge=0, le=1024, description="torch CPU threads per process; 0 = torch default")
     cache_mb: int = Field(
         1024, ge=0, le=1_000_000, description="hold a set's shards in memory when smaller than this"
     )
@@ -118,6 +119,94 @@ class TrainParams(_Strict):
     compile: bool = False
     resume: bool = Field(True, description="continue from last.ckpt when it fits the architecture")
     mlflow: bool = Field(True, description="log to MLflow (MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+
+class EvaluateParams(_Strict):
+    """Reconstruction metrics, fingerprints and latent-space analysis (paper section 3)."""
+
+    sets: list[str] | None = Field(None, description="sets to evaluate; null = every generated set")
+    max_ves_per_set: int = Field(100, gt=0, description="VEs per set for reconstruction metrics")
+    batch_size: int = Field(8, gt=0, le=65_536)
+    pca_max_fit: int = Field(20_000, gt=0, description="training fingerprints used to fit the PCA")
+    interpolation_steps: int = Field(8, gt=1, le=1000, description="N of the linear latent path (eq. 6)")
+    interpolation_set: str = Field("val", description="set whose VEs the latent path joins")
+    interpolation_pair: tuple[int, int] = Field((0, 1), description="positions of the two VEs in that set")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = the GPU when there is one")
+    twopoint_cutoff: PositiveFloat = Field(
+        4.0, description="2-point baseline: correlation window half-width in length units (|r| per axis)"
+    )
+    twopoint_max_fit: int = Field(
+        2000, gt=0, description="2-point baseline: training VEs used to fit its PCA (memory: VEs x features)"
+    )
+    cluster_neighbors: int = Field(10, gt=1, le=1000, description="spectral clustering: k of the k-NN graph")
+    train_set: str = Field("train", description="set the PCA is fitted on")
+    mlflow: bool = Field(True, description="log evaluate/analyse metrics to MLflow (as train does)")
+    cluster_groups: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "texture": ["brass", "copper", "cube", "goss"],
+            "texture_tight": ["brass_tight", "copper_tight", "cube_tight", "goss_tight"],
+            "morphology": ["small", "large", "elongated"],
+            "morphology_large_elongated": ["large", "elongated"],
+        },
+        description="spectral-clustering problems: name -> sets (one class each); missing sets skip a group",
+    )
+
+    @field_validator("cluster_groups")
+    @classmethod
+    def _groups(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, sets in v.items():
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"group name {name!r} must be letters, digits and _")
+            if len(set(sets)) != len(sets) or len(sets) < 2:
+                raise ValueError(f"group {name!r} needs at least two different sets, got {sets}")
+        return v
+
+    @field_validator("interpolation_pair")
+    @classmethod
+    def _distinct_pair(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] == v[1] or min(v) < 0:
+            raise ValueError(f"needs two different non-negative VE positions, got {list(v)}")
+        return v
+
+
+class SimulateParams(_Strict):
+    """Crystal-plasticity simulation of uniaxial tension (paper section 2.3); see ``microfp.simulate``.
+
+    The Mg material parameters are fixed (``microfp.cp.MG``, DAMASK's phenopowerlaw Mg example).
+    Keys that change results (strain, strain_rate, increments, twinning, tolerance, dtype, backend)
+    are part of the resume key of each VE; the others (batching, workers, device) are not.
+    """
+
+    sets: list[str] = Field(default_factory=lambda: ["hcp"], description="sets to simulate")
+    max_ves: int = Field(32, gt=0, description="VEs simulated per set (the first ones)")
+    grid: int = Field(
+        0, ge=0, le=1024, description="voxels per edge of the CP grid: the VE subsampled (nearest voxel); 0 = as stored"
+    )
+    backend: Literal["spectral", "damask"] = "spectral"
+    strain: PositiveFloat = Field(0.01, le=0.05, description="final eps_xx (small-strain solver: <= 5 %)")
+    strain_rate: PositiveFloat = 1e-3
+    increments: int = Field(20, gt=0, le=100_000)
+    twinning: bool = Field(True, description="tension/compression twins as unidirectional pseudo-slip")
+    tolerance: float = Field(1e-5, gt=0, lt=1, description="equilibrium: |G(sigma)|_rms / |mean sigma|")
+    max_newton: int = Field(30, gt=0, le=1000, description="Newton iterations per increment")
+    max_cg: int = Field(400, gt=0, le=100_000, description="CG iterations per Newton iteration")
+    max_cutbacks: int = Field(4, ge=0, le=20, description="halvings of a failed increment")
+    batch_size: int = Field(2, gt=0, le=4096, description="VEs solved together in one batched solve (one task)")
+    workers: int = Field(0, ge=0, le=100_000, description="local Dask worker processes; 0 = cores / threads")
+    threads_per_worker: int = Field(1, gt=0, le=1024, description="torch threads of each worker")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    dtype: Literal["float64", "float32"] = "float64"
+
+
+class SurrogateParams(_Strict):
+    """Fingerprint -> stress-strain surrogate (paper section 2.4)."""
+
+    epochs: int = Field(200, gt=0, le=1_000_000)
+    batch_size: int = Field(128, gt=0, le=1_000_000)
+    lr: PositiveFloat = 1e-5
+    weight_decay: float = Field(1e-5, ge=0)
+    hidden: int = Field(512, gt=0, le=1_000_000)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class Params(_Strict):
@@ -130,6 +219,9 @@ class Params(_Strict):
     encoder: Encoder
     generate: GenerateParams
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    simulate: SimulateParams = SimulateParams()
+    surrogate: SurrogateParams = SurrogateParams()
 
     @field_validator("ve_size")
     @classmethod

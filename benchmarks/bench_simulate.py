@@ -1,0 +1,118 @@
+"""Benchmark of the spectral crystal-plasticity solver: seconds per VE, batched vs unbatched.
+
+For each grid size, ``--n`` random-texture HCP VEs (paper morphology: the box is 16 length units, so
+the resolution is 16 / size) are simulated to 1 % strain in ``--increments`` increments, once as one
+batched solve and once one VE at a time with the same solver, in the same run. Reports wall seconds
+per VE, core-seconds per VE (wall x torch threads) and the ratio to the paper's ~40 core-minutes per
+VE (4 cores x ~10 min, DAMASK, 64^3). ``--refine`` also runs one geometry at 16^3, 32^3 (and 64^3 if
+listed in --sizes) by voxel refinement and reports the final stress of each.
+
+    python benchmarks/bench_simulate.py                       # 32^3 and 64^3, 2 VEs, 20 increments
+    python benchmarks/bench_simulate.py --sizes 16 32 --n 2   # quick
+    python benchmarks/bench_simulate.py --device cuda --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from microfp import cp, datasets, shards
+from microfp.config import parse_params
+
+PAPER_CORE_SECONDS = 40 * 60.0
+
+
+def make_ves(size: int, n: int, seed: int = 11) -> shards.VESet:
+    raw = {
+        "seed": seed,
+        "ve_size": max(size, 16),
+        "resolution": 16.0 / max(size, 16),
+        "latent_dim": 8,
+        "encoder": "resnet12",
+        "generate": {"shard_size": 64, "workers": 1, "sets": {"train": {"n": 1}, "val": {"n": 1},
+                                                                "hcp": {"n": n, "crystal": "hexagonal"}}},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        datasets.generate_set(parse_params(raw), "hcp", Path(tmp), workers=1, progress=False)
+        return shards.read_set(tmp)
+
+
+def timed(grain_ids, eulers, load, settings):
+    start = time.perf_counter()
+    res = cp.solve(grain_ids, eulers, load, settings)
+    return time.perf_counter() - start, res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--n", type=int, default=2, help="VEs per size")
+    ap.add_argument("--increments", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--no-unbatched", action="store_true", help="skip the one-VE-at-a-time runs")
+    ap.add_argument("--refine", action="store_true", help="grid refinement 16 -> 32 (-> 64) of one geometry")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load = cp.Load(strain=0.01, rate=1e-3, increments=args.increments)
+    settings = cp.SolverSettings(device=args.device, dtype=args.dtype)
+    report: dict = {"threads": args.threads, "device": args.device, "dtype": args.dtype,
+                    "increments": args.increments, "sizes": {}}
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.device}, {args.dtype}, {args.increments} increments")
+    for size in args.sizes:
+        ves = make_ves(size, args.n)
+        g = ves.grain_ids if ves.ve_size == size else ves.grain_ids[:, :: ves.ve_size // size, :: ves.ve_size // size, :: ves.ve_size // size]
+        eulers = [ves.grain_euler(i).astype(np.float64) for i in range(len(ves))]
+        wall_b, res_b = timed(g, eulers, load, settings)
+        entry = {
+            "batched_s_per_ve": wall_b / len(eulers),
+            "converged": [r.converged for r in res_b],
+            "final_mpa": [float(r.stress_xx[-1] / 1e6) for r in res_b],
+            "newton": [r.newton_iterations for r in res_b],
+            "cg": [r.cg_iterations for r in res_b],
+        }
+        if not args.no_unbatched:
+            walls = [timed(g[i : i + 1], eulers[i : i + 1], load, settings)[0] for i in range(len(eulers))]
+            entry["unbatched_s_per_ve"] = float(np.mean(walls))
+            entry["batched_speedup"] = entry["unbatched_s_per_ve"] / entry["batched_s_per_ve"]
+        core_s = entry["batched_s_per_ve"] * (args.threads if args.device == "cpu" else 1)
+        entry["core_s_per_ve"] = core_s
+        entry["paper_core_s_per_ve"] = PAPER_CORE_SECONDS
+        entry["speedup_vs_paper"] = PAPER_CORE_SECONDS / core_s
+        report["sizes"][str(size)] = entry
+        print(f"{size}^3: batched {entry['batched_s_per_ve']:.1f} s/VE"
+              + (f", unbatched {entry['unbatched_s_per_ve']:.1f} s/VE (x{entry['batched_speedup']:.2f})" if "unbatched_s_per_ve" in entry else "")
+              + f"; {core_s / 60:.1f} core-min/VE vs paper 40 (x{entry['speedup_vs_paper']:.1f}); "
+              f"final {', '.join(f'{s:.1f}' for s in entry['final_mpa'])} MPa; converged {entry['converged']}", flush=True)
+    if args.refine:
+        ves = make_ves(16, 1)
+        base = ves.grain_ids[0]
+        euler = [ves.grain_euler(0).astype(np.float64)]
+        finals = {}
+        for size in [16, 32, 64]:
+            if size > 32 and size not in args.sizes:
+                continue
+            f = size // 16
+            gi = base.repeat(f, 0).repeat(f, 1).repeat(f, 2)[None]
+            wall, res = timed(gi, euler, load, settings)
+            finals[str(size)] = {"final_mpa": float(res[0].stress_xx[-1] / 1e6), "curve_mpa": (res[0].stress_xx / 1e6).round(3).tolist(),
+                                 "wall_s": wall, "converged": res[0].converged}
+            print(f"refinement {size}^3: sigma_xx(1%) = {finals[str(size)]['final_mpa']:.2f} MPa ({wall:.0f} s)", flush=True)
+        report["refinement"] = finals
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""Reconstruction accuracy of the VAE (paper section 3.2, eq. 5, Tables 4-6): the ``evaluate`` stage.
+
+Stage ``evaluate`` (``microfp evaluate``)::
+
+    models/vae/best.ckpt, data/ves/<set>/shard-*.h5 (every set), params.yaml
+        -> metrics/reconstruction.json   {set: {phi4_mean, phi4_std, disorientation_deg_mean, ...}}
+        -> plots/reconstruction/<set>.png  input vs reconstruction mid-slices + per-VE phi4 histogram
+
+Metrics, per voxel, between the input orientation and the reconstructed one (both Bunge Euler angles;
+the reconstruction is the VAE's normalised output times (2 pi, pi, 2 pi)):
+
+* ``phi4 = 1 - |q1 . q2|`` (paper eq. 5, Huynh's metric), quaternions from the Euler angles with
+  damask's conventions. phi4 is **not** symmetry-aware: two symmetry-equivalent orientations can have
+  phi4 > 0, exactly as in the paper (whose inputs are reduced to the fundamental zone). It lies in
+  [0, 1]: phi4 = 1 - cos(omega / 2) for the plain (symmetry-blind) misorientation angle omega, so 0.03
+  corresponds to ~28 degrees, and a 180-degree cubic symmetry operation gives phi4 = 1.
+* the symmetry-aware **disorientation angle** in degrees (cubic 432 or hexagonal 622, from the shard's
+  ``crystal`` attribute): the smallest rotation angle among all symmetry-equivalent misorientations,
+  with damask's closed form (``damask.Orientation.disorientation_angle``) ported to torch so that it
+  runs batched on the GPU; ``disorientation_angle_damask`` is the chunked damask reference (tests
+  compare both on random and symmetry-equivalent pairs).
+
+Each VE gets the mean over its voxels; a set gets the mean and standard deviation over its VEs (the
+paper's ``mean +- std``). Keys per set: ``n_ves``, ``phi4_mean``, ``phi4_std``,
+``disorientation_deg_mean``/``_std``/``_median``, ``within_5deg`` (fraction of voxels within 5 degrees)
+and, as a yardstick, ``reference_phi4_mean``/``reference_disorientation_deg_mean``: the same metrics
+between each VE and the previous VE of its set, i.e. a "reconstruction" that knows the set's texture
+but nothing of the VE (for a random cubic texture the disorientation is ~40.7 degrees, Mackenzie). Everything is vectorised over voxels and VEs; there is no Python loop over
+voxels. All files are written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+
+from microfp.atomic import save_figure, write_json
+from microfp.config import Params, load_params
+from microfp.errors import MicrofpError
+from microfp.shards import EULER_SCALE, ShardError, read_shard, shard_paths
+
+__all__ = [
+    "DEFAULT_DATA",
+    "SetBatch",
+    "disorientation_angle",
+    "disorientation_angle_damask",
+    "euler_to_quaternion_t",
+    "evaluate",
+    "evaluate_command",
+    "find_sets",
+    "iter_set_batches",
+    "log_mlflow",
+    "phi4",
+    "pick_device",
+    "quaternion_multiply",
+    "reconstruction_metrics",
+]
+
+DEFAULT_DATA = Path("data/ves")
+_P = -1.0  # damask's sign convention of the quaternion product and of the Euler conversion (P = -1)
+
+
+def _say(msg: str, stage: str = "evaluate") -> None:
+    print(f"[microfp {stage}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orientation metrics (torch, any device, any batch shape)
+
+
+def euler_to_quaternion_t(euler: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions ``(w, x, y, z)`` of Bunge Euler angles, damask's ``Rotation.from_Euler_angles``.
+
+    ``euler`` ``(..., 3)`` radians (any real values) -> ``(..., 4)`` with ``w >= 0`` (damask's
+    standard hemisphere), same dtype and device.
+    """
+    e = 0.5 * euler
+    c_big, s_big = torch.cos(e[..., 1]), torch.sin(e[..., 1])
+    plus, minus = e[..., 0] + e[..., 2], e[..., 0] - e[..., 2]
+    q = torch.stack(
+        [c_big * torch.cos(plus), -_P * s_big * torch.cos(minus), -_P * s_big * torch.sin(minus),
+         -_P * c_big * torch.sin(plus)],
+        dim=-1,
+    )
+    return torch.where(q[..., :1] < 0, -q, q)
+
+
+def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Composition ``a * b`` (first ``b``, then ``a``) with damask's convention (``P = -1``), not
+    standardised to ``w >= 0``. ``(..., 4)`` each, broadcast."""
+    aw, av = a[..., :1], a[..., 1:]
+    bw, bv = b[..., :1], b[..., 1:]
+    w = aw * bw - (av * bv).sum(-1, keepdim=True)
+    v = aw * bv + bw * av + _P * torch.linalg.cross(av, bv, dim=-1)
+    return torch.cat([w, v], dim=-1)
+
+
+def phi4(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
+    """Paper eq. 5: ``1 - |q1 . q2|`` per pair of unit quaternions ``(..., 4)``; in [0, 1], 0 for equal
+    rotations (including ``q`` and ``-q``). Not symmetry-aware."""
+    return (1.0 - (q1 * q2).sum(-1).abs()).clamp(0.0, 1.0)
+
+
+def disorientation_angle(q1: torch.Tensor, q2: torch.Tensor, family: str) -> torch.Tensor:
+    """Symmetry-aware disorientation angle (radians) of pairs of orientations ``(..., 4)``.
+
+    The closed form of ``damask.Orientation.disorientation_angle`` (same crystal family on both
+    sides): with ``a = |q1 * conj(q2)|`` per component, the largest ``|w|`` over the symmetric
+    equivalents is, for cubic (432), ``max(sum(a) / 2, a_(1), (a_(1) + a_(2)) / sqrt 2)`` with
+    ``a_(1) >= a_(2)`` the two largest components; for hexagonal (622) it is
+    ``max(m1, m2, m1 sqrt3/2 + m4/2, m2 sqrt3/2 + m3/2)`` with ``m1 >= m4`` the sorted ``(|w|, |z|)``
+    and ``m2 >= m3`` the sorted ``(|x|, |y|)``. The angle is ``2 acos`` of it.
+    """
+    conj = q2 * q2.new_tensor([1.0, -1.0, -1.0, -1.0])
+    a = quaternion_multiply(q1, conj).abs()
+    if family == "cubic":
+        top2 = torch.topk(a, 2, dim=-1).values
+        trace = torch.maximum(a.sum(-1) * 0.5, torch.maximum(top2[..., 0], top2.sum(-1) * (math.sqrt(2.0) / 2.0)))
+    elif family == "hexagonal":
+        m1, m4 = torch.maximum(a[..., 0], a[..., 3]), torch.minimum(a[..., 0], a[..., 3])
+        m2, m3 = torch.maximum(a[..., 1], a[..., 2]), torch.minimum(a[..., 1], a[..., 2])
+        s3 = math.sqrt(3.0) / 2.0
+        trace = torch.maximum(torch.maximum(m1, m2), torch.maximum(m1 * s3 + m4 * 0.5, m2 * s3 + m3 * 0.5))
+    else:
+        raise MicrofpError(f"crystal family must be cubic or hexagonal, got {family!r}")
+    return 2.0 * torch.arccos(trace.clamp(max=1.0))
+
+
+def disorientation_angle_damask(
+    euler1: np.ndarray, euler2: np.ndarray, family: str, chunk: int = 262_144
+) -> np.ndarray:
+    """Reference: damask's ``Orientation.disorientation_angle`` of ``(N, 3)`` Bunge radians pairs, in
+    chunks (the full ``disorientation`` of 262k pairs at once needs > 24 GB). Radians, ``(N,)``."""
+    import damask
+
+    e1 = np.asarray(euler1, dtype=np.float64).reshape(-1, 3)
+    e2 = np.asarray(euler2, dtype=np.float64).reshape(-1, 3)
+    out = np.empty(len(e1))
+    for start in range(0, len(e1), chunk):
+        sl = slice(start, start + chunk)
+        o1 = damask.Orientation.from_Euler_angles(phi=e1[sl], family=family)
+        o2 = damask.Orientation.from_Euler_angles(phi=e2[sl], family=family)
+        out[sl] = np.asarray(o1.disorientation_angle(o2)).reshape(-1)
+    return out
+
+
+def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, family: str) -> dict[str, torch.Tensor]:
+    """Per-VE mean metrics of a batch of normalised Euler fields ``(B, 3, n, n, n)`` (input, output).
+
+    Computed in float64 (small angles: ``acos`` near 1). Returns ``(B,)`` tensors ``phi4``,
+    ``disorientation_deg`` and ``within_5deg`` (fraction of voxels with a disorientation < 5 degrees),
+    and ``phi4_map`` ``(B, n, n, n)`` float32 for the plots.
+    """
+    if x.shape != x_hat.shape or x.ndim != 5 or x.shape[1] != 3:
+        raise MicrofpError(f"expected two (B, 3, n, n, n) fields of equal shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+    scale = torch.as_tensor(EULER_SCALE, dtype=torch.float64, device=x.device).view(1, 3, 1, 1, 1)
+    e1 = (x.double() * scale).movedim(1, -1)  # (B, n, n, n, 3) radians
+    e2 = (x_hat.double() * scale).movedim(1, -1)
+    q1, q2 = euler_to_quaternion_t(e1), euler_to_quaternion_t(e2)
+    p = phi4(q1, q2)
+    omega = torch.rad2deg(disorientation_angle(q1, q2, family))
+    dims = (1, 2, 3)
+    return {
+        "phi4": p.mean(dims),
+        "disorientation_deg": omega.mean(dims),
+        "within_5deg": (omega < 5.0).double().mean(dims),
+        "phi4_map": p.float(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sets on disk, devices, the model
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MicrofpError("evaluate.device is 'cuda' but no CUDA GPU is available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def find_sets(data: str | Path, names: list[str] | None = None) -> list[str]:
+    """Set names to process: ``names`` (each must have shards), or every folder of ``data`` with shards,
+    in the order train, val, then alphabetical. :class:`ShardError` when there is nothing to read."""
+    data = Path(data)
+    if names is not None:
+        for name in names:
+            shard_paths(data / name)  # one-line ShardError when missing
+        return list(names)
+    if not data.is_dir():
+        raise ShardError(f"{data}: no such data directory (run `microfp generate` or `dvc repro` first)")
+    found = sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.glob("shard-*.h5")))
+    if not found:
+        raise ShardError(f"{data}: no sets with shards found (run `microfp generate` or `dvc repro` first)")
+    first = [s for s in ("train", "val") if s in found]
+    return first + [s for s in found if s not in first]
+
+
+@dataclass
+class SetBatch:
+    """A batch of VEs of one set: normalised fields and what the shards say about them."""
+
+    x: torch.Tensor  # (B, 3, n, n, n) float32 in [0, 1]
+    ve_id: np.ndarray  # (B,) int64
+    grain_ids: list[np.ndarray]  # (n, n, n) per VE
+    euler: list[np.ndarray]  # (G_i, 3) Bunge radians per VE
+    n_grains: np.ndarray
+    esd_target: np.ndarray
+    crystal: str
+    texture: str
+    resolution: float
+
+
+def iter_set_batches(
+    set_dir: str | Path, batch_size: int, limit: int | None = None, ve_size: int | None = None
+) -> Iterator[SetBatch]:
+    """Batches of the first ``limit`` VEs (all when None) of a set directory, shard by shard.
+
+    Shards are read and validated one at a time (one-line :class:`ShardError` when bad); with
+    ``ve_size`` a VE of another size is an error that says so.
+    """
+    seen = 0
+    for path in shard_paths(set_dir):
+        if limit is not None and seen >= limit:
+            return
+        ves = read_shard(path)
+        if ve_size is not None and ves.ve_size != ve_size:
+            raise ShardError(
+                f"{path}: VEs are {ves.ve_size}^3 voxels but params.yaml has ve_size={ve_size} "
+                "(regenerate the data or change ve_size)"
+            )
+        n = len(ves) if limit is None else min(len(ves), limit - seen)
+        texture = str(ves.attrs.get("texture", "unknown"))
+        for start in range(0, n, batch_size):
+            idx = range(start, min(start + batch_size, n))
+            x = torch.from_numpy(np.stack([ves.orientation_field(i) for i in idx]))
+            yield SetBatch(
+                x=x,
+                ve_id=ves.ve_index[list(idx)].astype(np.int64),
+                grain_ids=[ves.grain_ids[i] for i in idx],
+                euler=[ves.grain_euler(i) for i in idx],
+                n_grains=ves.n_grains[list(idx)].astype(np.int64),
+                esd_target=ves.esd_target[list(idx)].astype(np.float64),
+                crystal=ves.crystal,
+                texture=texture,
+                resolution=float(ves.resolution),
+            )
+        seen += n
+
+
+def load_model(checkpoint: str | Path, params: Params, device: torch.device) -> Any:
+    """The trained VAE of ``checkpoint`` (architecture checked against ``params``), eval mode, on
+    ``device``. One-line :class:`microfp.train.CheckpointError` when missing, corrupt or mismatched."""
+    from microfp.train import load_vae
+
+    vae = load_vae(checkpoint, expect=params)
+    return vae.to(device).eval()
+
+
+def log_mlflow(stage: str, params: Params, metrics: dict[str, Any], checkpoint: str | Path | None) -> str | None:
+    """Log a finished stage to MLflow with :mod:`microfp.tracking` (experiment ``microfp-<stage>``,
+    ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``): parameters, metrics flattened to ``a.b`` keys,
+    the checkpoint. A tracking failure is reported, never fatal (the stage's files are written)."""
+    if not params.evaluate.mlflow:
+        return None
+    try:
+        from microfp.tracking import log_finished_run
+
+        finite = {k: v for k, v in _flat(metrics).items() if np.isfinite(float(v))}
+        tags = {"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else None
+        return log_finished_run(f"microfp-{stage}", stage, params.model_dump(mode="json"), finite, tags)
+    except Exception as err:  # noqa: BLE001 - tracking is secondary to the stage's files
+        _say(f"warning: MLflow logging failed ({(str(err).splitlines() or [type(err).__name__])[0][:200]})", stage)
+        return None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _summary(per_ve: dict[str, np.ndarray]) -> dict[str, float]:
+    p, d, w = per_ve["phi4"], per_ve["disorientation_deg"], per_ve["within_5deg"]
+    out = {
+        "n_ves": int(len(p)),
+        "phi4_mean": float(p.mean()),
+        "phi4_std": float(p.std()),
+        "disorientation_deg_mean": float(d.mean()),
+        "disorientation_deg_std": float(d.std()),
+        "disorientation_deg_median": float(np.median(d)),
+        "within_5deg": float(w.mean()),
+    }
+    if len(per_ve["ref_phi4"]):
+        # Reference "reconstruction" that knows the set but not the VE: the previous VE of the set.
+        out["reference_phi4_mean"] = float(per_ve["ref_phi4"].mean())
+        out["reference_disorientation_deg_mean"] = float(per_ve["ref_disorientation_deg"].mean())
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    params: Params,
+    checkpoint: str | Path = "models/vae/best.ckpt",
+    data: str | Path = DEFAULT_DATA,
+    metrics: str | Path = "metrics/reconstruction.json",
+    plots: str | Path | None = "plots/reconstruction",
+) -> dict[str, dict[str, float]]:
+    """Reconstruct up to ``evaluate.max_ves_per_set`` VEs of every set and write the metrics/plots."""
+    t0 = time.time()
+    ev = params.evaluate
+    device = pick_device(ev.device)
+    sets = find_sets(data, ev.sets)  # fail on missing shards before loading the model
+    vae = load_model(checkpoint, params, device)
+    results: dict[str, dict[str, float]] = {}
+    for name in sets:
+        per_ve: dict[str, list[np.ndarray]] = {
+            "phi4": [], "disorientation_deg": [], "within_5deg": [], "ve_id": [], "ref_phi4": [], "ref_disorientation_deg": []
+        }
+        previous: torch.Tensor | None = None  # last VE of the previous batch
+        examples: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+        crystal = "cubic"
+        for batch in iter_set_batches(Path(data) / name, ev.batch_size, ev.max_ves_per_set, params.ve_size):
+            crystal = batch.crystal
+            x = batch.x.to(device)
+            x_hat = vae.decode(vae.encode(x)[0])  # eval: z = mu
+            m = reconstruction_metrics(x, x_hat.float(), batch.crystal)
+            for key in ("phi4", "disorientation_deg", "within_5deg"):
+                per_ve[key].append(m[key].cpu().numpy())
+            per_ve["ve_id"].append(batch.ve_id)
+            shifted = torch.cat([previous, x[:-1]]) if previous is not None else x[:-1]
+            if len(shifted):
+                ref = reconstruction_metrics(x[len(x) - len(shifted):], shifted, batch.crystal)
+                per_ve["ref_phi4"].append(ref["phi4"].cpu().numpy())
+                per_ve["ref_disorientation_deg"].append(ref["disorientation_deg"].cpu().numpy())
+            previous = x[-1:]
+            if len(examples) < 2:
+                mid = x.shape[2] // 2
+                for i in range(min(2 - len(examples), x.shape[0])):
+                    examples.append((x[i, :, :, :, mid].cpu().numpy(), x_hat[i, :, :, :, mid].float().cpu().numpy(),
+                                     m["phi4_map"][i, :, :, mid].cpu().numpy(), int(batch.ve_id[i])))
+        arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per_ve.items()}
+        results[name] = _summary(arrays)
+        _say(f"{name}: {results[name]['n_ves']} VEs ({crystal}), phi4 {results[name]['phi4_mean']:.4f} "
+             f"+- {results[name]['phi4_std']:.4f}, disorientation {results[name]['disorientation_deg_mean']:.2f} deg")
+        if plots is not None:
+            plot_reconstruction(Path(plots) / f"{name}.png", name, examples, arrays["phi4"], results[name])
+    write_json(metrics, results)
+    log_mlflow("evaluate", params, results, checkpoint)
+    _say(f"{len(sets)} sets in {time.time() - t0:.1f} s on {device}; wrote {metrics}")
+    return results
+
+
+def _rgb(field: np.ndarray) -> np.ndarray:
+    """(3, a, b) normalised Euler slice -> (b, a, 3) RGB image with x to the right, y up."""
+    return np.clip(np.moveaxis(field, 0, -1), 0, 1).transpose(1, 0, 2)
+
+
+def plot_reconstruction(
+    path: Path, name: str, examples: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]],
+    phi4_per_ve: np.ndarray, summary: dict[str, float],
+) -> None:
+    """Mid-slices (z = n/2) of input and reconstruction (RGB = normalised Euler, as the paper's Fig. 5),
+    the phi4 map of the slice, and the histogram of the per-VE mean phi4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, len(examples))
+    fig = plt.figure(figsize=(11, 2.9 * rows))
+    grid = fig.add_gridspec(rows, 4, width_ratios=[1, 1, 1, 1.3])
+    vmax = max(1e-6, max((float(e[2].max()) for e in examples), default=1e-6))
+    for r, (inp, rec, pmap, ve_id) in enumerate(examples):
+        for c, (img, title) in enumerate(((inp, "input"), (rec, "reconstruction"))):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(_rgb(img), origin="lower", interpolation="nearest")
+            ax.set_title(f"VE {ve_id} {title}", fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+        ax = fig.add_subplot(grid[r, 2])
+        im = ax.imshow(pmap.T, origin="lower", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_title("phi4 per voxel", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    ax = fig.add_subplot(grid[:, 3])
+    ax.hist(phi4_per_ve, bins=min(30, max(5, len(phi4_per_ve) // 3)), color="tab:blue", edgecolor="white")
+    ax.axvline(summary["phi4_mean"], color="k", ls="--", lw=1)
+    ax.set_xlabel("phi4 = 1 - |q1.q2|, mean per VE")
+    ax.set_ylabel("VEs")
+    ax.set_title(f"{name}: {summary['phi4_mean']:.4f} +- {summary['phi4_std']:.4f} (n={summary['n_ves']})\n"
+                 f"disorientation {summary['disorientation_deg_mean']:.2f} deg", fontsize=8)
+    fig.suptitle(f"{name}: mid-slices z = n/2, RGB = (phi1/2pi, Phi/pi, phi2/2pi)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def evaluate_command(
+    params: Annotated[Path, typer.Option("--params", "-p", help="parameter file (params.yaml or configs/paper.yaml)")] = Path("params.yaml"),
+    checkpoint: Annotated[Path, typer.Option(help="trained VAE checkpoint")] = Path("models/vae/best.ckpt"),
+    data: Annotated[Path, typer.Option(help="directory of the sets, each a folder of shard-*.h5")] = DEFAULT_DATA,
+    metrics: Annotated[Path, typer.Option(help="metrics JSON keyed by set")] = Path("metrics/reconstruction.json"),
+    plots: Annotated[Path, typer.Option(help="directory of the per-set PNGs")] = Path("plots/reconstruction"),
+) -> None:
+    """Reconstruction accuracy of the VAE on every set (paper eq. 5, Tables 4-6).
+
+    For up to evaluate.max_ves_per_set VEs of each set in data/ves (or of evaluate.sets), encodes
+    (z = mu), decodes and compares the orientation of every voxel: phi4 = 1 - |q1.q2| (not
+    symmetry-aware, as in the paper) and the cubic/hexagonal disorientation angle in degrees. Writes
+    metrics/reconstruction.json ({set: {phi4_mean, phi4_std, disorientation_deg_mean, ...}}) and
+    plots/reconstruction/<set>.png. Uses the GPU when there is one (evaluate.device).
+    """
+    evaluate(load_params(params), checkpoint=checkpoint, data=data, metrics=metrics, plots=plots)
