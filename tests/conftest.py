@@ -157,15 +157,5 @@ def static_http_server(directory: Path):
 
 
 def microfp_command() -> list[str]:
-    """How to run `microfp` with the release/pull commands: the installed command once microfp.cli
-    registers them, else microfp.release's entry point (the same commands, before the wiring)."""
-    try:
-        from microfp import cli
-
-        wired = "release" in cli.LAZY_COMMANDS or any(
-            (c.name or getattr(c.callback, "__name__", "")) in ("release", "release_command")
-            for c in cli.app.registered_commands
-        )
-    except Exception:  # noqa: BLE001
-        wired = False
-    return [str(BIN / "microfp")] if wired else [sys.executable, "-m", "microfp.release"]
+    """The installed `microfp` command."""
+    return [str(BIN / "microfp")]

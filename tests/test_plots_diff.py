@@ -85,14 +85,25 @@ def diff_page(tmp_path_factory, browser) -> tuple[Path, dict, Path]:
     revision(7, [1.0, 0.6, 0.4, 0.3], "baseline")
     revision(8, [0.9, 0.5, 0.3, 0.2, 0.15], "other seed")
 
+    template = write_template(base)
+    out = base / "diff"
+    run_tool("dvc", "plots", "diff", "HEAD~1", "HEAD", "-o", str(out), "--html-template", str(template), cwd=project)
+    page = out / "index.html"
+    check, shot = open_in_chromium(browser, page, base)
+    return page, check, shot
+
+
+def write_template(base: Path) -> Path:
+    """DVC's plots page template with the vega bundles loaded from local files and a DOM check."""
     vega = [VEGA_DIR / f"{b}.min.js" for b in VEGA_BUNDLES]
     scripts = "\n".join(f'<script src="{p.as_uri()}"></script>' for p in vega if p.is_file())
     template = base / "template.html"
     template.write_text(TEMPLATE.format(vega_scripts=scripts))
-    out = base / "diff"
-    run_tool("dvc", "plots", "diff", "HEAD~1", "HEAD", "-o", str(out), "--html-template", str(template), cwd=project)
-    page = out / "index.html"
+    return template
 
+
+def open_in_chromium(browser: str, page: Path, base: Path) -> tuple[dict, Path]:
+    """Load ``page`` in headless Chromium: (what rendered, from the page's DOM check; a screenshot)."""
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -111,7 +122,7 @@ def diff_page(tmp_path_factory, browser) -> tuple[Path, dict, Path]:
     shot = base / "diff.png"
     chromium(f"--screenshot={shot}", profile="profile-shot")
     assert shot.is_file(), "chromium wrote no screenshot"
-    return page, json.loads(found.group(1)), shot
+    return json.loads(found.group(1)), shot
 
 
 def test_plots_diff_page_shows_both_revisions_images(diff_page):

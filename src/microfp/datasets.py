@@ -105,10 +105,7 @@ def pending_shards(params: Params, set_name: str, out_dir: Path) -> list[int]:
 
 
 def _shard_len(path: Path) -> int:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return int(f["n_grains"].shape[0])
+    return shards.shard_shape(path)[0]
 
 
 def _make_ve(job: tuple[SetSpec, int, float, int, str, int]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -149,7 +146,7 @@ def generate_set(params: Params, set_name: str, out_dir: Path, workers: int = 0,
         (spec, params.ve_size, params.resolution, params.seed, set_name, i) for k in todo for i in ranges[k]
     ]
     results = _map(jobs, min(resolve_workers(workers), max(1, len(jobs))))
-    with _progress(progress, f"generate {set_name}", len(jobs)) as advance:
+    with ProgressBar(progress, f"generate {set_name}", len(jobs)) as advance:
         for k in todo:
             ves = []
             for _ in ranges[k]:
@@ -172,8 +169,8 @@ def generate_set(params: Params, set_name: str, out_dir: Path, workers: int = 0,
     return len(jobs)
 
 
-class _progress:
-    """A rich progress bar (or nothing) with an ``advance()`` callable."""
+class ProgressBar:
+    """A rich progress bar with ETA (or nothing when disabled) whose context value is ``advance()``."""
 
     def __init__(self, enabled: bool, label: str, total: int) -> None:
         self.enabled, self.label, self.total = enabled and total > 0, label, total

@@ -173,6 +173,28 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path}: not a readable HDF5 shard ({_reason(err)})") from None
 
 
+def _check_header(f: h5py.File, path: Path) -> None:
+    missing = [k for k in ("grain_ids", "euler", "n_grains") if k not in f]
+    if missing:
+        raise ShardError(f"{path}: not a microfp shard (missing {', '.join(missing)})")
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{path}: shard format version {version}, expected {FORMAT_VERSION}")
+
+
+def shard_shape(path: str | Path) -> tuple[int, ...]:
+    """Shape (N, n, n, n) of a shard's ``grain_ids``, checking its header without reading voxels."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            _check_header(f, path)
+            return tuple(f["grain_ids"].shape)
+    except ShardError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise ShardError(f"{path}: corrupt or truncated shard ({_reason(err)})") from None
+
+
 def read_shard(path: str | Path, check: bool = True) -> VESet:
     """Read a shard written by :func:`write_shard`; :class:`ShardError` (one line) if it is bad."""
     path = Path(path)
@@ -180,12 +202,7 @@ def read_shard(path: str | Path, check: bool = True) -> VESet:
         raise ShardError(f"{path}: no such shard file")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("grain_ids", "euler", "n_grains") if k not in f]
-            if missing:
-                raise ShardError(f"{path}: not a microfp shard (missing {', '.join(missing)})")
-            version = int(f.attrs.get("format_version", -1))
-            if version != FORMAT_VERSION:
-                raise ShardError(f"{path}: shard format version {version}, expected {FORMAT_VERSION}")
+            _check_header(f, path)
             n = f["grain_ids"].shape[0]
             ves = VESet(
                 grain_ids=f["grain_ids"][()],

@@ -291,9 +291,9 @@ def simulate_set(
                 if stop_after is not None and written >= stop_after:
                     raise RuntimeError(f"injected failure after {written} VEs")
 
-        from microfp.datasets import _progress
+        from microfp.datasets import ProgressBar
 
-        with _progress(progress, f"simulate {set_name} ({sp.backend})", len(todo)) as advance:
+        with ProgressBar(progress, f"simulate {set_name} ({sp.backend})", len(todo)) as advance:
             errors = _fan_out(batches, task, task_args, on_done, scheduler, sp)
     summary = merge_parts(jobs, out, config, set_name)
     if plot is not None or plot_csv is not None:

@@ -45,7 +45,7 @@ from microfp.atomic import atomic_output, write_json, write_text
 from microfp.config import Params, TrainParams, load_params
 from microfp.errors import MicrofpError
 from microfp.model import VAE, VAEConfig, beta_at, param_count, vae_loss
-from microfp.shards import FORMAT_VERSION, ShardError, euler_field, read_shard, shard_paths
+from microfp.shards import ShardError, euler_field, read_shard, shard_paths, shard_shape
 from microfp.tracking import flatten, run_tags, tracking_uri
 
 ARCH_KEYS = ("encoder", "ve_size", "latent_dim", "hidden_dim", "base_channels", "bottleneck_channels")
@@ -93,19 +93,7 @@ class ShardDataset(Dataset):
     @staticmethod
     def _inspect(path: Path, ve_size: int) -> int:
         """Number of VEs of a shard, checking format and VE size without reading the voxels."""
-        try:
-            with h5py.File(path, "r") as f:
-                missing = [k for k in ("grain_ids", "euler", "n_grains") if k not in f]
-                if missing:
-                    raise ShardError(f"{path}: not a microfp shard (missing {', '.join(missing)})")
-                version = int(f.attrs.get("format_version", -1))
-                if version != FORMAT_VERSION:
-                    raise ShardError(f"{path}: shard format version {version}, expected {FORMAT_VERSION}")
-                shape = f["grain_ids"].shape
-        except ShardError:
-            raise
-        except (OSError, KeyError, ValueError, TypeError) as err:
-            raise ShardError(f"{path}: corrupt or truncated shard ({str(err).splitlines()[0][:200]})") from None
+        shape = shard_shape(path)
         if len(shape) != 4 or len(set(shape[1:])) != 1:
             raise ShardError(f"{path}: grain_ids must have shape (N, n, n, n), got {shape}")
         if shape[1] != ve_size:
