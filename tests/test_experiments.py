@@ -108,17 +108,18 @@ def test_experiment_metrics_diff_plots_and_mlflow(project, browser, tmp_path):  
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    stages = {r.data.tags.get("microfp.stage") for r in runs if r.data.tags.get("dvc_exp_name") == "latent12"}
-    assert {"train", "surrogate"} <= stages, stages
-    revision = run_tool("git", "rev-parse", "HEAD", cwd=root).stdout.strip()
-    assert all(r.data.tags.get("git_revision") == revision for r in runs)
+    ours = [r for r in runs if r.data.tags.get("dvc_exp_name") == "latent12"]
+    assert {"train", "surrogate"} <= {r.data.tags.get("microfp.stage") for r in ours}
+    baseline = run_tool("git", "rev-parse", "HEAD", cwd=root).stdout.strip()  # the experiment's baseline commit
+    assert all(r.data.tags.get("git_revision") == baseline for r in ours)
+    assert all(r.data.tags.get("git_revision") for r in runs)
 
 
 def test_fresh_clone_pulls_models_and_predicts_without_training(project, tmp_path):
     root, _, _ = project
     remote = tmp_path / "remote"
     run_tool("dvc", "remote", "add", "--local", "-d", "store", str(remote), cwd=root)
-    run_tool("dvc", "push", cwd=root)
+    run_tool("dvc", "push", "--all-commits", cwd=root)  # the committed outputs, whatever the workspace holds
     clone = tmp_path / "clone"
     run_tool("git", "clone", "-q", str(root), str(clone), cwd=tmp_path)
     run_tool("dvc", "remote", "add", "--local", "-d", "store", str(remote), cwd=clone)
