@@ -25,6 +25,18 @@ def _mlflow_store(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is as fast, and avoids OpenMP spin-waiting when other
+    processes share the 2 cores (which made the model/train tests 10-20x slower under load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def default_raw() -> dict:
     """The repository's params.yaml as a plain mapping (a fresh copy per test)."""

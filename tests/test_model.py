@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -22,17 +20,9 @@ from microfp.model import (
     vae_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = dict(latent_dim=5, hidden_dim=16, base_channels=4, bottleneck_channels=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # Tiny models: one intra-op thread is as fast, and avoids OpenMP spin-waiting when other
-    # processes share the 2 cores (which made these tests 10-20x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,8 @@ from microfp.train import (
     train_command,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N = 16
 
 
@@ -98,16 +100,6 @@ def make_params(**train: Any) -> Params:
     raw.update(top)
     raw["train"].update(train)
     return parse_params(raw)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # Tiny models: one intra-op thread is as fast, and avoids OpenMP spin-waiting when other
-    # processes share the 2 cores (which made these tests 10-20x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -493,6 +493,7 @@ def run(
         )
     report: dict[str, Any] = {}
     parity: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    fitted: dict[str, tuple[SurrogateNet, dict[str, Any], np.ndarray]] = {}
     for kind, table in tables.items():
         kind_ids, x, _ = join(table, curve_table, kind)
         assert np.array_equal(kind_ids, ids), "fingerprint tables are joined in curve order"
@@ -512,9 +513,9 @@ def run(
             **{f"test_{k}": v for k, v in test_m.items()},
         }
         parity[kind] = (y[test_rows], pred[test_rows])
-        if kind == "vae":
-            vae_net, vae_meta = net, {"x_mean": x_mean.tolist(), "x_std": x_std.tolist()}
-            plot_curves(plots / "curves.png", eps, y[test_rows], pred[test_rows], ids[test_rows])
+        fitted[kind] = (net, {"x_mean": x_mean.tolist(), "x_std": x_std.tolist()}, pred)
+    vae_net, vae_meta, vae_pred = fitted["vae"]
+    plot_curves(plots / "curves.png", eps, y[test_rows], vae_pred[test_rows], ids[test_rows])
     save_checkpoint(
         out,
         vae_net,
@@ -530,7 +531,7 @@ def run(
             "test_ve_ids": ids[test_rows].tolist(),
         },
     )
-    report["latency"] = latency_report(out, vae_checkpoint, ves / set_name, tables["vae"], curve_table, vae_net, ids, test_rows)
+    report["latency"] = latency_report(out, vae_checkpoint, ves / set_name, tables["vae"], curve_table, vae_net, ids)
     report["data"] = {"n_train": float(len(train_rows)), "n_test": float(len(test_rows)),
                       "n_simulated": float(len(curve_table)), "n_converged": float(len(ids))}
     plot_parity(plots / "parity.png", parity)
@@ -542,7 +543,7 @@ def run(
 
 def latency_report(
     checkpoint: Path, vae_checkpoint: Path, set_dir: Path, fp: pd.DataFrame, curves: pd.DataFrame,
-    net: SurrogateNet, ids: np.ndarray, test_rows: np.ndarray,
+    net: SurrogateNet, ids: np.ndarray,
 ) -> dict[str, float]:
     """Measured seconds per VE: surrogate alone (single, batched), end to end from a one-VE file
     (load + encode + predict), and the speed-up over the measured simulation time per VE."""
