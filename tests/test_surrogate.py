@@ -156,3 +156,8 @@ def test_bad_inputs_are_one_line_errors(tiny_hcp, tmp_path):
     assert not (tmp_path / "x.ckpt").exists() and not (tmp_path / "x.json").exists()
     result = run_cli("predict", str(tmp_path / "missing.h5"), "--checkpoint", str(out))
     assert result.returncode == 2 and "microfp: error:" in result.stderr
+    # a cubic VE given to the Mg surrogate
+    cubic = tmp_path / "cubic"
+    generate_set(params, "train", cubic, workers=1, progress=False)
+    result = run_cli("predict", str(cubic / "shard-00000.h5"), "--checkpoint", str(out))
+    assert result.returncode == 2 and "cubic VE, but the surrogate was trained on hexagonal" in result.stderr

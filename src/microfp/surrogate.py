@@ -417,6 +417,7 @@ class Predictor:
     x_std: np.ndarray
     vae: Any
     strains: np.ndarray
+    crystal: str
 
     @classmethod
     def load(cls, checkpoint: Path, vae_checkpoint: Path | None = None) -> "Predictor":
@@ -430,7 +431,8 @@ class Predictor:
                 f"{vae_path}: latent_dim {vae.cfg.latent_dim}, but {checkpoint} takes fingerprints of size "
                 f"{net.net[0].in_features}"
             )
-        return cls(net, norm, np.asarray(meta["x_mean"]), np.asarray(meta["x_std"]), vae, np.asarray(meta["strains"]))
+        return cls(net, norm, np.asarray(meta["x_mean"]), np.asarray(meta["x_std"]), vae,
+                   np.asarray(meta["strains"]), str(meta.get("crystal", "hexagonal")))
 
     @torch.no_grad()
     def fingerprint(self, field: np.ndarray) -> np.ndarray:
@@ -449,6 +451,11 @@ class Predictor:
         from microfp.formats import read_ve_file
 
         ves = read_ve_file(path, crystal=crystal)
+        if ves.crystal != self.crystal:
+            raise SurrogateError(
+                f"{path}: {ves.crystal} VE, but the surrogate was trained on {self.crystal} VEs "
+                "(the crystal-plasticity model is HCP Mg)"
+            )
         field = np.stack([ves.orientation_field(i) for i in range(len(ves))])
         return self.curve_pa(self.fingerprint(field))
 
@@ -524,6 +531,7 @@ def run(
             **vae_meta,
             "fingerprint": "vae",
             "set": set_name,
+            "crystal": _set_crystal(ves / set_name),
             "latent_dim": params.latent_dim,
             "vae_checkpoint": str(vae_checkpoint),
             "strains": eps.tolist(),
@@ -539,6 +547,12 @@ def run(
     write_json(metrics, report)
     _log_mlflow(params, set_name, report, out)
     return report
+
+
+def _set_crystal(set_dir: Path) -> str:
+    from microfp import shards
+
+    return str(shards.read_attrs(shards.shard_paths(set_dir)[0])["crystal"])
 
 
 def latency_report(
