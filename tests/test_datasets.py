@@ -112,3 +112,12 @@ def test_cli_killed_mid_run_resumes_to_identical_shards(tmp_path):
     assert subprocess.run([*args, "--out", "fresh"], cwd=tmp_path, env=env).returncode == 0
     assert md5s(tmp_path / "killed") == md5s(tmp_path / "fresh")
     assert len(md5s(tmp_path / "fresh")) == 6
+
+
+def test_shards_of_other_generator_code_are_regenerated(tmp_path, params, monkeypatch):
+    out = tmp_path / "train"
+    datasets.generate_set(params, "train", out, workers=1, progress=False)
+    assert datasets.generate_set(params, "train", out, workers=1, progress=False) == 0
+    monkeypatch.setattr(datasets, "generator_digest", lambda: "0" * 16)  # as after an edit of volumes.py
+    assert datasets.generate_set(params, "train", out, workers=1, progress=False) == 10
+    assert shards.read_attrs(out / "shard-00000.h5")["generator_code"] == "0" * 16

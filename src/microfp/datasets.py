@@ -28,7 +28,24 @@ from microfp.config import TEXTURES_DEG, Params, SetSpec
 from microfp.errors import MicrofpError
 
 GENERATOR = "laguerre-v1"
-"""Name of the generator algorithm, stored in each shard; change it when the output changes."""
+"""Name of the generator algorithm, stored in each shard."""
+
+
+def generator_digest() -> str:
+    """sha256 (16 hex digits) of the source of the modules that make a VE.
+
+    Stored in every shard, so a shard made by other generator code is never resumed from: a
+    persistent output would otherwise keep VEs of an older algorithm whose parameters look equal.
+    """
+    import hashlib
+    import inspect
+
+    from microfp import crystallography
+
+    h = hashlib.sha256()
+    for module in (volumes, crystallography):
+        h.update(inspect.getsource(module).encode())
+    return h.hexdigest()[:16]
 
 
 def ve_rng(seed: int, set_name: str, index: int) -> np.random.Generator:
@@ -44,6 +61,7 @@ def shard_attrs(params: Params, set_name: str) -> dict[str, Any]:
         "set": set_name,
         "seed": params.seed,
         "generator": GENERATOR,
+        "generator_code": generator_digest(),
         "texture": spec.texture,
         "params": {
             "ve_size": params.ve_size,
