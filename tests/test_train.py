@@ -189,9 +189,27 @@ def test_resume_continues_from_last_checkpoint(data_dir: Path, tmp_path: Path) -
     assert rows[0] == first[0]  # the first epoch's row comes from the checkpoint, unchanged
     # the current lr applies to the continued epochs
     assert ckpt2["optimizer_states"][0]["param_groups"][0]["lr"] == 0.005
-    # running again with the same epochs does no more training
+    # running again with the same epochs does no more training, and still writes the curves
+    (tmp_path / "plots/train/loss.csv").unlink()  # DVC removes non-persistent outputs before a run
     result = run(make_params(epochs=2), data_dir, tmp_path)
     assert result["steps"] == 16 and len(read_curve(tmp_path)) == 2
+
+
+def test_regenerated_training_data_start_afresh(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(make_params(epochs=1), data_dir, tmp_path)
+    capsys.readouterr()
+    later = (tmp_path / "models/vae/last.ckpt").stat().st_mtime + 10
+    shard = sorted((data_dir / "train").glob("shard-*.h5"))[0]
+    before = shard.stat().st_mtime
+    os.utime(shard, (later, later))  # as if the set was regenerated after the checkpoint
+    try:
+        result = run(make_params(epochs=2), data_dir, tmp_path)
+    finally:
+        os.utime(shard, (before, before))
+    assert "training data are newer than the checkpoint; starting afresh" in capsys.readouterr().err
+    assert result["steps"] == 16 and result["epochs"] == 2
+    ckpt = torch.load(tmp_path / "models/vae/last.ckpt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, 16)
 
 
 def test_last_checkpoint_of_another_architecture_starts_afresh(

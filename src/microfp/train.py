@@ -491,10 +491,20 @@ def resolve_hardware(t: TrainParams) -> tuple[str, str]:
     return accelerator, precision
 
 
-def _resume_from(last: Path, params: Params) -> tuple[Path | None, int]:
+def _newest_shard_mtime(data: Path, params: Params) -> float:
+    t = params.train
+    return max(p.stat().st_mtime for name in (t.train_set, t.val_set) for p in shard_paths(data / name))
+
+
+def _resume_from(last: Path, params: Params, data: Path) -> tuple[Path | None, int]:
     """(``last``, its next epoch) if training can continue from it; (None, 0) (after removing stale
-    checkpoints) if not."""
+    checkpoints) if not: another architecture, an unreadable file, or training data written after
+    the checkpoint (regenerated sets: continuing would fine-tune a model of other data)."""
     if not last.exists():
+        return None, 0
+    if _newest_shard_mtime(data, params) > last.stat().st_mtime:
+        _say(f"{last}: the training data are newer than the checkpoint; starting afresh")
+        _remove_stale(last.parent)
         return None, 0
     if not params.train.resume:
         _say(f"{last}: train.resume is false; starting afresh")
@@ -538,7 +548,7 @@ def train(
     datamodule.setup("fit")  # fail early, in this process, on missing/corrupt shards or wrong ve_size
     assert datamodule.train_set is not None and datamodule.val_set is not None
 
-    ckpt_path, start_epoch = _resume_from(out / "last.ckpt", params)
+    ckpt_path, start_epoch = _resume_from(out / "last.ckpt", params, Path(data))
     # Offset by the epoch so that a resumed run does not replay the shuffling of the first epochs.
     L.seed_everything(params.seed + start_epoch, workers=True, verbose=False)
 
@@ -599,6 +609,8 @@ def train(
         raise
 
     rows = history.rows
+    if rows and trainer.is_global_zero:
+        write_curves(plots / "loss.csv", rows)  # also when resumed at train.epochs: nothing new was trained
     result: dict[str, float] = {
         "epochs": float(rows[-1]["epoch"]) if rows else 0.0,
         "steps": float(trainer.global_step),
