@@ -170,22 +170,9 @@ def export_dream3d(
 
 def _pick(ves, index: int, source: Path):  # noqa: ANN001, ANN202 - VESet in, VESet out
     """The one-VE VESet of VE ``index`` of ``ves``."""
-    from microfp.shards import VESet
-
     if not 0 <= index < len(ves):
         raise MicrofpError(f"{source}: has {len(ves)} VEs, no index {index}")
-    sl = slice(index, index + 1)
-    g = int(ves.n_grains[index])
-    return VESet(
-        grain_ids=ves.grain_ids[sl],
-        euler=ves.euler[sl, :g],
-        n_grains=ves.n_grains[sl],
-        ve_index=ves.ve_index[sl],
-        esd_target=ves.esd_target[sl],
-        crystal=ves.crystal,
-        resolution=ves.resolution,
-        attrs=ves.attrs,
-    )
+    return ves.select(index)
 
 
 # Stages whose modules import torch, Lightning or Dask (seconds of start-up): their commands are

@@ -74,6 +74,12 @@ class VESet:
         """(G_i, 3) Bunge Euler angles of the grains of VE ``i``, radians."""
         return self.euler[i, : self.n_grains[i]]
 
+    def select(self, i: int) -> "VESet":
+        """A one-VE VESet of VE ``i`` (its Euler rows trimmed to its own grains)."""
+        sl = slice(i, i + 1)
+        return VESet(self.grain_ids[sl], self.euler[sl, : self.n_grains[i]], self.n_grains[sl],
+                     self.ve_index[sl], self.esd_target[sl], self.crystal, self.resolution, self.attrs)
+
     def orientation_field(self, i: int) -> np.ndarray:
         """Normalised (3, n, n, n) float32 Euler field of VE ``i`` (the VAE's input)."""
         return euler_field(self.grain_ids[i], self.grain_euler(i))

@@ -571,7 +571,7 @@ def latency_report(
     first = shards.read_shard(shards.shard_paths(set_dir)[0])
     with tempfile.TemporaryDirectory() as tmp:
         one = Path(tmp) / "one_ve.h5"
-        shards.write_shard(one, _single(first, 0))
+        shards.write_shard(one, first.select(0))
         predictor.predict_file(one)  # warm-up (imports, allocator)
         out["end_to_end_s"] = _median_seconds(lambda: predictor.predict_file(one), 5)
     if "wall_s" in curves:
@@ -580,14 +580,6 @@ def latency_report(
         out["speedup_end_to_end"] = sim / out["end_to_end_s"]
         out["speedup_surrogate_batched"] = sim / out["surrogate_batched_s_per_ve"]
     return out
-
-
-def _single(ves: Any, i: int) -> Any:
-    from microfp.shards import VESet
-
-    sl = slice(i, i + 1)
-    return VESet(ves.grain_ids[sl], ves.euler[sl, : ves.n_grains[i]], ves.n_grains[sl], ves.ve_index[sl],
-                 ves.esd_target[sl], ves.crystal, ves.resolution, ves.attrs)
 
 
 def _log_mlflow(params: Params, set_name: str, report: dict[str, Any], checkpoint: Path) -> None:
