@@ -178,12 +178,84 @@ def test_grid_refinement_16_to_32(hcp_ves):
 
 
 def test_batched_equals_unbatched(hcp_ves):
+    """Same curves, and the same Newton iterations and cut-backs per VE: a VE of a batch does no extra work."""
     eulers = [hcp_ves.grain_euler(i).astype(np.float64) for i in range(2)]
-    load = cp.Load(strain=0.001, rate=1e-3, increments=2)
+    load = cp.Load(strain=0.002, rate=1e-3, increments=4)
     batched = cp.solve(hcp_ves.grain_ids, eulers, load)
     single = [cp.solve(hcp_ves.grain_ids[i : i + 1], eulers[i : i + 1], load)[0] for i in range(2)]
     for b, s in zip(batched, single):
         np.testing.assert_allclose(b.stress_xx, s.stress_xx, rtol=1e-5)
+        assert (b.newton_iterations, b.cutbacks) == (s.newton_iterations, s.cutbacks)
+
+
+def test_a_converged_ve_leaves_the_iterations_of_its_batch(hcp_ves):
+    """A homogeneous crystal (equilibrium at the first iterate) batched with a polycrystal: its Newton count
+    stays at one per increment, and the polycrystal's curve is the one it has alone."""
+    ids = np.stack([np.zeros((16, 16, 16), np.uint16), hcp_ves.grain_ids[0]])
+    eulers = [np.zeros((1, 3)), hcp_ves.grain_euler(0).astype(np.float64)]
+    load = cp.Load(strain=0.001, rate=1e-3, increments=2)
+    crystal, poly = cp.solve(ids, eulers, load)
+    alone = cp.solve(ids[1:], eulers[1:], load)[0]
+    assert crystal.converged and poly.converged
+    assert poly.newton_iterations > crystal.newton_iterations
+    assert poly.newton_iterations == alone.newton_iterations
+    np.testing.assert_allclose(poly.stress_xx, alone.stress_xx, rtol=1e-6)
+
+
+def test_float32_gives_the_float64_curve(hcp_ves):
+    euler = [hcp_ves.grain_euler(0).astype(np.float64)]
+    load = cp.Load(strain=0.004, rate=1e-3, increments=8)
+    f64 = cp.solve(_coarse(hcp_ves)[None], euler, load)[0]
+    f32 = cp.solve(_coarse(hcp_ves)[None], euler, load, cp.SolverSettings(dtype="float32"))[0]
+    assert f32.converged and f32.max_residual < 1e-5
+    np.testing.assert_allclose(f32.stress_xx[1:], f64.stress_xx[1:], rtol=1e-4)
+
+
+def _local_problem(n_voxels: int = 64, twinning: bool = True):
+    rng = np.random.default_rng(5)
+    mat = cp.Material([rng.uniform([0, 0, 0], [2 * np.pi, np.pi, 2 * np.pi], (8, 3))], twinning=twinning)
+    g = torch.as_tensor(rng.integers(0, 8, n_voxels))
+    xi_n = mat.xi_0 * torch.as_tensor(rng.uniform(1.0, 2.0, (n_voxels, mat.n_systems)))
+    y = torch.cat(
+        [torch.as_tensor(rng.normal(0, 10e6, (n_voxels, 6))), torch.as_tensor(rng.uniform(0, 2e-3, (n_voxels, 1 + twinning)))],
+        dim=1,
+    )
+    tf = torch.as_tensor(rng.uniform(0.5, 1.0, (n_voxels, 1)))
+    target = torch.as_tensor(rng.normal(0, 1e-3, (n_voxels, 6)))
+    return mat, g, xi_n, y, tf, target
+
+
+@pytest.mark.parametrize("twinning", [True, False])
+def test_local_jacobian_is_the_derivative_of_the_local_residual(twinning):
+    """Central differences of the voxel residual (stress and accumulated shears) against _jacobian."""
+    mat, g, xi_n, y, tf, target = _local_problem(twinning=twinning)
+    Pg, Sg = mat.P[g], mat.S[g]
+    r, dg, dgd, dgx, xi, u = mat._residual(y, Pg, Sg, target, xi_n, tf, 0.5)
+    J = mat._jacobian(Sg, Pg, u, dg, dgd, dgx)
+    scale = torch.cat([torch.full((6,), 1e3), torch.full((y.shape[1] - 6,), 1e-9)]).to(y)  # Pa, shear
+    for k in range(y.shape[1]):
+        h = torch.zeros_like(y)
+        h[:, k] = scale[k]
+        fd = (mat._residual(y + h, Pg, Sg, target, xi_n, tf, 0.5)[0] - mat._residual(y - h, Pg, Sg, target, xi_n, tf, 0.5)[0]) / (2 * scale[k])
+        np.testing.assert_allclose(J[:, :, k].numpy(), fd.numpy(), rtol=1e-5, atol=1e-6 * float(J[:, :, k].abs().max()))
+
+
+def test_resistances_solve_the_backward_euler_hardening_law():
+    """xi = xi_n + h_0 |1 - xi/xi_inf|^a sign(.) Gamma on slip systems to round-off; u = d xi / d Gamma."""
+    mat, _, xi_n, y, _, _ = _local_problem()
+    shears = y[:, 6:]
+    xi, u = mat._resistances(xi_n, shears)
+    p, slip = cp.MG, mat.slip
+    sat = 1 - xi[:, slip] / mat.xi_inf[slip]
+    rhs = xi_n[:, slip] + p.h_0_sl_sl * sat.abs() ** p.a_sl * torch.sign(sat) * shears[:, :1]
+    np.testing.assert_allclose(xi[:, slip].numpy(), rhs.numpy(), rtol=1e-10)  # 1 mPa of ~10 MPa
+    twin = mat.twin
+    np.testing.assert_allclose(xi[:, twin].numpy(), (xi_n[:, twin] + p.h_0_tw_sl * shears[:, :1] + p.h_0_tw_tw * shears[:, 1:]).numpy(), rtol=1e-12)
+    h = 1e-9
+    dG = torch.zeros_like(shears)
+    dG[:, 0] = h
+    fd = (mat._resistances(xi_n, shears + dG)[0] - mat._resistances(xi_n, shears - dG)[0]) / (2 * h)
+    np.testing.assert_allclose(u.numpy(), fd.numpy(), rtol=1e-5)
 
 
 def test_a_ve_that_cannot_converge_is_reported_not_raised(hcp_ves):

@@ -16,12 +16,17 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   ``f_tw = sum gamma_tw / gamma_char``, twin hardening ``h_0^tw-sl sum |dot_gamma_sl| +
   h_0^tw-tw sum dot_gamma_tw``. DAMASK's slip hardening by twins (coefficients of 1 Pa) and the
   twin push-up of xi_inf (10 sqrt(f_tw) Pa) are negligible and left out.
-* Time integration per increment: backward Euler. The stress of each voxel solves
-  ``S sigma + sum_a dgamma_a(sigma) p_a = eps - eps_p^n`` by Newton with a backtracking line search
-  (``p_a`` = symmetric Schmid tensor); the slip resistance of step n+1 is iterated as a fixed point
-  together with the global Newton iterations (it converges with them). The material tangent is the
-  consistent one at fixed resistance, ``(S + sum_a d dgamma_a / d tau_a  p_a p_a^T)^-1`` (symmetric
-  positive definite), i.e. the hardening contribution is neglected in the tangent.
+* Time integration per increment: backward Euler, fully implicit in the voxel. The unknowns of each
+  voxel are its stress and the shears accumulated in the increment, ``Gamma = sum_slip |dgamma_a|``
+  (and ``Gamma_tw = sum_twin dgamma_a``); the resistances are functions of them (``xi = xi_n +
+  H(xi) Gamma`` solved per system, twins linear), so hardening and flow are solved together by one
+  Newton iteration with a backtracking line search on
+  ``S sigma + sum_a dgamma_a(sigma, xi(Gamma)) p_a = eps - eps_p^n`` and
+  ``Gamma = sum_slip |dgamma_a|`` (``p_a`` = symmetric Schmid tensor). This is the same backward-Euler
+  solution as iterating the resistances to a fixed point around a stress solve, at a quarter of the
+  cost (the fixed point contracts by only ~2 % per sweep). The material tangent passed to the
+  equilibrium solver is the one at fixed resistances, ``(S + sum_a d dgamma_a / d tau_a  p_a p_a^T)^-1``
+  (symmetric positive definite, so CG applies); the hardening contribution is left out of it.
 * Equilibrium: Galerkin FFT (de Geus et al. 2017; Zeman et al. 2017): the unknown is the strain
   field, constrained to compatible fluctuations plus a mean; Newton iterations, each solving the
   linearised problem ``G(K : d eps) = -G(sigma)`` by conjugate gradients. ``G`` is the L2-orthogonal
@@ -29,9 +34,12 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   stress-controlled components of the mean, which imposes the mixed boundary conditions (prescribed
   mean eps_xx, zero mean stress otherwise; Lucarini & Segurado 2019): ``G`` stays an orthogonal
   projector, so the linear operator is symmetric positive definite and CG applies. Nyquist modes of
-  even grids are projected out. Convergence: ``|G(sigma)|_rms / |mean sigma| < tolerance`` and the
-  slip resistances at their fixed point. A failed increment is retried in halves (cut-backs); a VE
-  that fails at the deepest cut-back is dropped from the batch and reported with the reason.
+  even grids are projected out. Convergence: ``|G(sigma)|_rms / |mean sigma| < tolerance``. A VE
+  that converges leaves the iterations of its batch; a VE whose increment fails is retried alone in
+  halves (cut-backs) while the others keep their result; a VE that fails at the deepest cut-back is
+  dropped from the batch and reported with the reason.
+* Precision: float64 by default; float32 (``SolverSettings.dtype``) halves the memory traffic, which
+  bounds the voxel update, and gives the same curves to the equilibrium tolerance (tests).
 
 Tensors are held in Mandel notation (11, 22, 33, sqrt2 23, sqrt2 13, sqrt2 12), an orthonormal basis
 of symmetric tensors, so dot products of 6-vectors are double contractions.
@@ -217,6 +225,25 @@ def _power(x: torch.Tensor, e: float) -> torch.Tensor:
     return x.pow(e)
 
 
+def _flow(tau: torch.Tensor, xi: torch.Tensor, tf: torch.Tensor, twin: torch.Tensor, rate: torch.Tensor, n: float):
+    """phenopowerlaw shear increments ``dgamma = rate |tau / xi|^n sign(tau)`` (m, N_s), twins only for
+    tau > 0 and scaled by the untwinned fraction ``tf`` (m, 1); with d/d tau and d/d xi.
+
+    ``rate`` = dt * dot_gamma_0, a 0-d tensor (a Python float would make torch.compile specialise on dt).
+    """
+    ratio = (tau / xi).clamp(-1e3, 1e3)
+    powm1 = _power(ratio.abs(), n - 1.0)
+    factor = torch.where(twin, (ratio > 0).to(tau.dtype) * tf, 1.0)
+    dg = rate * powm1 * ratio * factor
+    dgd = (rate * n) * powm1 * factor / xi
+    return dg, dgd, -n * dg / xi
+
+
+# The flow rule is a dozen elementwise passes over (voxels, systems) arrays, bound by memory bandwidth
+# in eager torch; torch.compile fuses them into one loop (about 6x faster on CPU, see benchmarks/).
+_flow_compiled = torch.compile(_flow, dynamic=True)
+
+
 @dataclass
 class State:
     """Plastic state of every voxel of a batch: leading dims (B, V)."""
@@ -245,9 +272,8 @@ class Material:
         p: MgParameters = MG,
         local_tol: float | None = None,
         max_local: int = 60,
-        jacobian_systems: int = 0,
-        state_tol: float = 1e-6,
-        max_state: int = 20,
+        compiled: bool = False,
+        chunk: int = 32768,
     ) -> None:
         self.p, self.elastic, self.twinning = p, elastic, twinning and not elastic
         self.dtype, self.device = dtype, torch.device(device)
@@ -265,10 +291,14 @@ class Material:
         self.gamma_char = torch.as_tensor(table["gamma_char"][table["twin"]], **kw)
         self.n_systems = int(self.P.shape[1])
         self.n_twin = int(self.twin.sum())
-        self.local_tol = local_tol if local_tol is not None else (1e-10 if dtype == torch.float64 else 2e-8)
+        # local Newton: |residual|_inf (strain) < local_tol + local_rtol |eps - eps_p^n|_inf; float32
+        # round-off is ~1e-7 relative, so it gets a relative tolerance (1e-6 keeps the local stress error a
+        # tenth of the equilibrium tolerance at every strain level), float64 the absolute 1e-10
+        self.local_tol = local_tol if local_tol is not None else (1e-10 if dtype == torch.float64 else 1e-12)
+        self.local_rtol = 0.0 if dtype == torch.float64 else 1e-6
         self.max_local = max_local
-        self.jacobian_systems = jacobian_systems
-        self.state_tol, self.max_state = state_tol, max_state
+        self.compiled, self.chunk = compiled, chunk
+        self.twin_slope = torch.where(self.twin, p.h_0_tw_tw, 0.0).to(dtype)  # d xi / d Gamma_tw
 
     # -- setup -----------------------------------------------------------------------------------
     def voxel_grains(self, grain_ids: np.ndarray) -> torch.Tensor:
@@ -286,72 +316,118 @@ class Material:
         )
 
     # -- kinetics --------------------------------------------------------------------------------
-    def _kinetics(self, tau: torch.Tensor, xi: torch.Tensor, twin_factor: torch.Tensor, dt: float):
-        """Shear increments and d(increment)/d(tau) (m, N_s) for resolved stresses ``tau``."""
+    def _flow(self, tau: torch.Tensor, xi: torch.Tensor, tf: torch.Tensor, dt: float):
+        """Shear increments ``dgamma`` (m, N_s) at resolved stresses ``tau`` and resistances ``xi``, and
+        their derivatives with respect to tau and xi (the twin volume factor ``tf`` (m, 1) held fixed)."""
+        fn = _flow_compiled if self.compiled else _flow
+        rate = torch.tensor(dt * self.p.dot_gamma_0, dtype=self.dtype, device=self.device)
+        return fn(tau, xi, tf, self.twin, rate, self.p.n)
+
+    def _resistances(self, xi_n: torch.Tensor, shears: torch.Tensor):
+        """Backward-Euler resistances after the accumulated shears of the increment, and d xi / d Gamma.
+
+        ``shears`` (m, 1 or 2): Gamma = sum_slip |dgamma| (and Gamma_tw = sum_twin dgamma). Slip systems
+        solve ``xi = xi_n + H(xi) Gamma`` with ``H = h_0 |1 - xi / xi_inf|^a sign(1 - xi / xi_inf)`` by
+        Newton (a contraction of ~2 % per fixed-point step, so two Newton steps reach round-off); twins
+        harden linearly, ``xi = xi_n + h_0^tw-sl Gamma + h_0^tw-tw Gamma_tw``. Returns ``(xi, u)`` (m, N_s),
+        ``u = d xi / d Gamma`` (implicit function theorem on slip, h_0^tw-sl on twins).
+        """
         p = self.p
-        ratio = (tau / xi).clamp(-1e3, 1e3)
-        mag = ratio.abs()
-        powm1 = _power(mag, p.n - 1.0)
-        rate = dt * p.dot_gamma_0
-        dg = rate * powm1 * ratio
-        dgd = rate * p.n * powm1 / xi
+        G = shears[:, :1]
+        xs_n, xs_inf = xi_n[:, self.slip], self.xi_inf[self.slip]
+        x = xs_n
+        for it in range(3):
+            sat = 1.0 - x / xs_inf
+            powm1 = sat.abs().pow(p.a_sl - 1.0)
+            H = p.h_0_sl_sl * powm1 * sat
+            dH = -p.h_0_sl_sl * p.a_sl * powm1 / xs_inf
+            if it == 2:
+                break
+            x = x - (x - xs_n - H * G) / (1.0 - dH * G)
+        xi = torch.empty_like(xi_n)
+        u = torch.full_like(xi_n, p.h_0_tw_sl)
+        xi[:, self.slip] = x
+        u[:, self.slip] = H / (1.0 - dH * G)
         if self.n_twin:
-            # twins: unidirectional (tau > 0 only), only in the untwinned volume
-            factor = ((~self.twin) | (ratio > 0)).to(tau.dtype) * torch.where(self.twin, twin_factor, 1.0)
-            dg = dg * factor
-            dgd = dgd * factor
-        return dg, dgd
+            xi[:, self.twin] = xi_n[:, self.twin] + p.h_0_tw_sl * G + p.h_0_tw_tw * shears[:, 1:2]
+        return xi, u
 
-    def _residual(self, sig, Pg, Sg, target, xi, twin_factor, dt):
+    def _residual(self, y, Pg, Sg, target, xi_n, tf, dt):
+        """Residual of the local backward-Euler equations for ``y = (sigma, Gamma[, Gamma_tw])`` (m, 6 + k).
+
+        ``S sigma + sum_a dgamma_a p_a - target`` (strain), ``Gamma - sum_slip |dgamma_a|`` and
+        ``Gamma_tw - sum_twin dgamma_a`` (shears), with the resistances of :meth:`_resistances`.
+        Returns ``(r, dgamma, d dgamma / d tau, d dgamma / d xi, xi, d xi / d Gamma)``.
+        """
+        sig = y[:, :6]
+        xi, u = self._resistances(xi_n, y[:, 6:])
         tau = torch.bmm(Pg, sig.unsqueeze(-1)).squeeze(-1)
-        dg, dgd = self._kinetics(tau, xi, twin_factor, dt)
-        r = torch.bmm(Sg, sig.unsqueeze(-1)).squeeze(-1) + torch.bmm(dg.unsqueeze(1), Pg).squeeze(1) - target
-        return r, dg, dgd
+        dg, dgd, dgx = self._flow(tau, xi, tf, dt)
+        r_sig = torch.bmm(Sg, sig.unsqueeze(-1)).squeeze(-1) + torch.bmm(dg.unsqueeze(1), Pg).squeeze(1) - target
+        parts = [r_sig, y[:, 6:7] - dg[:, self.slip].abs().sum(-1, keepdim=True)]
+        if self.n_twin:
+            parts.append(y[:, 7:8] - dg[:, self.twin].sum(-1, keepdim=True))
+        return torch.cat(parts, dim=1), dg, dgd, dgx, xi, u
 
-    def _jacobian(self, Sg, Pg, dgd):
-        """S + sum_a dgd_a p_a p_a^T (over the ``jacobian_systems`` most active systems if fewer than all)."""
-        k = self.jacobian_systems
-        if 0 < k < self.n_systems:
-            dgd, idx = torch.topk(dgd, k, dim=1)
-            Pg = torch.gather(Pg, 1, idx[..., None].expand(-1, -1, 6))
-        return Sg + torch.bmm(Pg.transpose(1, 2) * dgd.unsqueeze(1), Pg)
+    def _jacobian(self, Sg, Pg, u, dg, dgd, dgx):
+        """(m, 6 + k, 6 + k) derivative of :meth:`_residual`; its (6, 6) block is the one at fixed resistances.
+
+        With C (m, k, N_s) the weights of d r_sigma / d shears (``dgx u``, ``dgx h_tw-tw``) and R (m, k, N_s)
+        those of the shear sums (sign(dgamma) on slip, 1 on twins): ``[[S + P^T dgd P, P^T C^T],
+        [-R dgd P, 1 - R C^T]]``; one batched product for the coupling blocks.
+        """
+        k = 1 + (self.n_twin > 0)
+        C = [dgx * u]
+        R = [torch.sign(dg) * self.slip]
+        if k == 2:
+            C.append(dgx * self.twin_slope)
+            R.append(self.twin.to(dg.dtype).expand_as(dg))
+        C, R = torch.stack(C, 1), torch.stack(R, 1)
+        coupling = torch.bmm(torch.cat([C, R * dgd.unsqueeze(1)], 1), Pg)  # (m, 2k, 6)
+        eye = torch.eye(k, dtype=dg.dtype, device=dg.device)
+        top = torch.cat([Sg + torch.bmm(Pg.transpose(1, 2) * dgd.unsqueeze(1), Pg), coupling[:, :k].transpose(1, 2)], 2)
+        bottom = torch.cat([-coupling[:, k:], eye - torch.bmm(R, C.transpose(1, 2))], 2)
+        return torch.cat([top, bottom], 1)
 
     # -- the update ------------------------------------------------------------------------------
-    def _stress(self, g, target, xi, tf, sig, dt):
-        """Newton (with line search) for the stress of voxels ``g`` (m,) at fixed resistances ``xi``.
+    def _local(self, g, target, xi_n, tf, sig, shears, dt):
+        """Newton (with line search) for the stress and the accumulated shears of voxels ``g`` (m,).
 
-        Returns ``(sig, dgamma, K, converged, iterations)``; ``K`` is the tangent at fixed ``xi``.
+        Fully implicit: the resistances follow the shears inside the iterations (:meth:`_resistances`).
+        ``sig`` (m, 6) and ``shears`` (m, k) are the first guess. Returns ``(sig, dgamma, xi, shears, K,
+        converged, iterations)``; ``K`` (m, 6, 6) is the tangent at fixed
+        resistances, ``(S + sum_a d dgamma_a / d tau_a p_a p_a^T)^-1``, symmetric positive definite.
         """
         m = g.shape[0]
-        sig = sig.clone()
-        dg_out = torch.zeros(m, self.n_systems, dtype=self.dtype, device=self.device)
-        K = torch.empty(m, 6, 6, dtype=self.dtype, device=self.device)
+        Pg, Sg = self.P[g], self.S[g]
+        y = torch.cat([sig, shears], dim=1)
+        out = {"y": y.clone(), "dg": torch.zeros_like(xi_n), "xi": xi_n.clone(),
+               "K": torch.empty(m, 6, 6, dtype=self.dtype, device=self.device)}
         converged = torch.zeros(m, dtype=torch.bool, device=self.device)
         active = torch.arange(m, device=self.device)
-        Pg, Sg, tgt, xia, tfa = self.P[g], self.S[g], target, xi, tf
-        s = sig
+        tgt, xin, tfa = target, xi_n, tf
+        tol = self.local_tol + self.local_rtol * target.abs().amax(-1)
+        r, dg, dgd, dgx, xi, u = self._residual(y, Pg, Sg, tgt, xin, tfa, dt)
         iterations = 0
-        r, dg, dgd = self._residual(s, Pg, Sg, tgt, xia, tfa, dt)
         for it in range(self.max_local + 1):
             iterations = it
-            done = r.abs().amax(-1) < self.local_tol
-            A = self._jacobian(Sg, Pg, dgd)
+            done = r.abs().amax(-1) < tol
+            J = self._jacobian(Sg, Pg, u, dg, dgd, dgx)
             if done.any():
                 idx = active[done]
-                sig[idx] = s[done]
-                dg_out[idx] = dg[done]
-                K[idx] = torch.linalg.inv(A[done])
+                out["y"][idx], out["dg"][idx], out["xi"][idx] = y[done], dg[done], xi[done]
+                out["K"][idx] = torch.linalg.inv(J[done, :6, :6])
                 converged[idx] = True
             if done.all() or it == self.max_local:
                 break
             keep = ~done
-            active, s, r, A = active[keep], s[keep], r[keep], A[keep]
-            Pg, Sg, tgt, xia, tfa = Pg[keep], Sg[keep], tgt[keep], xia[keep], tfa[keep]
-            ds = -torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1)
+            active, y, r, J, tol = active[keep], y[keep], r[keep], J[keep], tol[keep]
+            Pg, Sg, tgt, xin, tfa = Pg[keep], Sg[keep], tgt[keep], xin[keep], tfa[keep]
+            dy = -torch.linalg.solve(J, r.unsqueeze(-1)).squeeze(-1)
             # backtracking line search on |r|^2 (the power law with n = 20 overshoots easily)
             f0 = (r * r).sum(-1)
-            new = s + ds
-            r, dg, dgd = self._residual(new, Pg, Sg, tgt, xia, tfa, dt)
+            new = y + dy
+            r, dg, dgd, dgx, xi, u = self._residual(new, Pg, Sg, tgt, xin, tfa, dt)
             alpha = torch.ones_like(f0)
             pending = torch.arange(new.shape[0], device=self.device)
             f_new = (r * r).sum(-1)
@@ -361,44 +437,27 @@ class Material:
                 if pending.numel() == 0:
                     break
                 alpha[pending] *= 0.5
-                new[pending] = s[pending] + alpha[pending, None] * ds[pending]
-                rp, dgp, dgdp = self._residual(new[pending], Pg[pending], Sg[pending], tgt[pending], xia[pending], tfa[pending], dt)
-                r[pending], dg[pending], dgd[pending] = rp, dgp, dgdp
-                f_new = (rp * rp).sum(-1)
-            s = new
+                new[pending] = y[pending] + alpha[pending, None] * dy[pending]
+                parts = self._residual(new[pending], Pg[pending], Sg[pending], tgt[pending], xin[pending], tfa[pending], dt)
+                for full, part in zip((r, dg, dgd, dgx, xi, u), parts):
+                    full[pending] = part
+                f_new = (parts[0] * parts[0]).sum(-1)
+            y = new
         if not bool(converged.all()):
             bad = ~converged
-            sig[active] = s
-            K[bad] = self.C[g[bad]]
-        return sig, dg_out, K, converged, iterations
+            out["y"][active] = y
+            out["K"][bad] = self.C[g[bad]]
+        return out["y"][:, :6], out["dg"], out["xi"], out["y"][:, 6:], out["K"], converged, iterations
 
-    def _harden(self, xi_n, xi, dg):
-        """Backward-Euler resistances: ``xi_n + dt * rate(xi, dgamma)`` (m, N_s)."""
-        xi_new = xi_n.clone()
-        slip_abs = dg[:, self.slip].abs().sum(-1, keepdim=True)
-        sat = 1.0 - xi[:, self.slip] / self.xi_inf[self.slip]
-        xi_new[:, self.slip] = xi_n[:, self.slip] + self.p.h_0_sl_sl * sat.abs().pow(self.p.a_sl) * torch.sign(sat) * slip_abs
-        if self.n_twin:
-            tw_sum = dg[:, self.twin].sum(-1, keepdim=True)
-            xi_new[:, self.twin] = xi_n[:, self.twin] + self.p.h_0_tw_sl * slip_abs + self.p.h_0_tw_tw * tw_sum
-        return xi_new
+    def update(self, gid: torch.Tensor, eps: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
+               shears_guess: torch.Tensor, dt: float):
+        """Backward-Euler update of every voxel for total strain ``eps`` (B, V, 6), from ``state_n``.
 
-    def update(
-        self,
-        gid: torch.Tensor,
-        eps: torch.Tensor,
-        state_n: State,
-        xi_guess: torch.Tensor,
-        sig_guess: torch.Tensor,
-        dt: float,
-    ):
-        """Backward-Euler update of every voxel for total strain ``eps`` (B, V, 6).
-
-        The stress is found by Newton at fixed resistances; the resistances of step n+1 by a fixed
-        point around it (``xi = xi_n + h(xi) sum |dgamma(sigma(xi))|``, starting from ``xi_guess``),
-        so the result is a function of ``eps`` (to ``state_tol``). Returns ``(sig, K, state, ok,
-        iterations)``: stress (B, V, 6), tangent (B, V, 6, 6) at fixed resistances, the new state,
-        (B,) bool whether every voxel of each VE converged, and the most local Newton iterations.
+        ``sig_guess`` (B, V, 6) and ``shears_guess`` (B, V, k) start the local Newton iterations (k = 2
+        with twins: Gamma and Gamma_tw, else 1). Returns ``(sig, K, state, shears, ok, iterations)``:
+        stress (B, V, 6), tangent (B, V, 6, 6) at fixed resistances, the new state, the shears of the
+        increment (B, V, k), (B,) bool whether the local Newton converged in every voxel of each VE, and
+        the most local Newton iterations.
         """
         B, V = gid.shape
         g = gid.reshape(-1)
@@ -406,43 +465,31 @@ class Material:
             Cg = self.C[g]
             sig = torch.einsum("mde,me->md", Cg, (eps - state_n.eps_p).reshape(-1, 6))
             ok = torch.ones(B, dtype=torch.bool, device=self.device)
-            return sig.reshape(B, V, 6), Cg.reshape(B, V, 6, 6), state_n, ok, 1
+            return sig.reshape(B, V, 6), Cg.reshape(B, V, 6, 6), state_n, shears_guess, ok, 1
         M = B * V
         target = (eps - state_n.eps_p).reshape(M, 6)
-        xi_n = state_n.xi.reshape(M, -1)
-        xi = xi_guess.reshape(M, -1).clone()
         if self.n_twin:
             frac = (state_n.gamma_tw / self.gamma_char).sum(-1).reshape(M, 1)
             tf = (1.0 - frac).clamp(min=0.0)
         else:
             tf = torch.ones(M, 1, dtype=self.dtype, device=self.device)
-        sig = sig_guess.reshape(M, 6).clone()
-        dg = torch.zeros(M, self.n_systems, dtype=self.dtype, device=self.device)
-        K = torch.empty(M, 6, 6, dtype=self.dtype, device=self.device)
-        ok_v = torch.ones(M, dtype=torch.bool, device=self.device)
-        todo = torch.arange(M, device=self.device)
-        most = 0
-        for _ in range(self.max_state):
-            s, d, k, conv, its = self._stress(g[todo], target[todo], xi[todo], tf[todo], sig[todo], dt)
-            most = max(most, its)
-            sig[todo], dg[todo], K[todo] = s, d, k
-            ok_v[todo] = conv
-            xi_new = self._harden(xi_n[todo], xi[todo], d)
-            change = ((xi_new - xi[todo]).abs() / self.xi_0).amax(-1)
-            xi[todo] = xi_new
-            todo = todo[(change > self.state_tol) & conv]
-            if todo.numel() == 0:
-                break
-        else:
-            ok_v[todo] = False
-        ok = ok_v.reshape(B, V).all(dim=1)
-        eps_p = state_n.eps_p.reshape(M, 6) + torch.einsum("ma,mad->md", dg, self.P[g])
+        # in chunks: the temporaries of a few 10^4 voxels stay in the allocator's pool, while those of a
+        # whole 64^3 grid (~0.4 GB each) go back to the OS and fault in again, which made it 2-3x slower
+        xi_n, sig_guess, shears_guess = state_n.xi.reshape(M, -1), sig_guess.reshape(M, 6), shears_guess.reshape(M, -1)
+        chunks = [
+            self._local(g[c], target[c], xi_n[c], tf[c], sig_guess[c], shears_guess[c], dt)
+            for c in (slice(i, i + self.chunk) for i in range(0, M, self.chunk))
+        ]
+        sig, dg, xi, shears, K, conv = (torch.cat([c[k] for c in chunks]) for k in range(6))
+        most = max(c[6] for c in chunks)
+        ok = conv.reshape(B, V).all(dim=1)
+        eps_p = state_n.eps_p.reshape(M, 6) + torch.bmm(dg.unsqueeze(1), self.P[g]).squeeze(1)
         gamma_tw = state_n.gamma_tw
         if self.n_twin:
             gamma_tw = gamma_tw + dg[:, self.twin].reshape(B, V, -1)
         new_state = State(eps_p.reshape(B, V, 6), xi.reshape(B, V, -1), gamma_tw)
         K = 0.5 * (K + K.transpose(-1, -2))
-        return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, ok, most
+        return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, shears.reshape(B, V, -1), ok, most
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,7 +569,6 @@ class Load:
 @dataclass(frozen=True)
 class SolverSettings:
     tolerance: float = 1e-5  # |G(sigma)|_rms / |mean sigma|
-    state_tolerance: float = 1e-6  # fixed point of the resistances: max |change| / xi_0
     max_newton: int = 30
     max_cg: int = 400
     cg_forcing: float = 1e-2  # inexact Newton: CG stops at forcing * initial residual ...
@@ -531,7 +577,8 @@ class SolverSettings:
     elastic: bool = False
     dtype: str = "float64"
     device: str = "cpu"
-    jacobian_systems: int = 0  # 0: all systems in the local Jacobian and the tangent
+    compile: bool = False  # torch.compile the flow rule (needs a C++ compiler on CPU; first call ~5 s)
+    voxel_chunk: int = 32768  # voxels per local-update call (memory; larger on GPUs)
 
 
 @dataclass
@@ -554,10 +601,6 @@ class VEResult:
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=(1, 2, 3, 4))
-
-
-def _bview(x: torch.Tensor, b: int) -> torch.Tensor:
-    return x.reshape(b, *([1] * (x.dim() - 1))) if x.dim() else x
 
 
 def cg(apply_A, rhs: torch.Tensor, tol_abs: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, int]:
@@ -584,6 +627,144 @@ def cg(apply_A, rhs: torch.Tensor, tol_abs: torch.Tensor, max_iter: int) -> tupl
     return x, it
 
 
+@dataclass
+class _Batch:
+    """VEs solved together and their converged fields at one time; ``ids`` index the caller's list.
+
+    Members may be split off (cut-backs) and joined again in any order: ``ids`` keeps track.
+    """
+
+    ids: list[int]
+    gid: torch.Tensor  # (B, V) global grain index per voxel
+    eps: torch.Tensor  # (B, V, 6) strain
+    sig: torch.Tensor  # (B, V, 6) stress
+    state: State
+    rate: torch.Tensor  # (B, V, 6) strain rate of the last increment (extrapolates the next one)
+    shear_rate: torch.Tensor  # (B, V, k) accumulated shear rates of the last increment (the same)
+
+    def select(self, keep: torch.Tensor) -> "_Batch":
+        """The members where ``keep`` (B,) bool is true."""
+        idx = keep.nonzero().squeeze(-1)
+        return _Batch(
+            [self.ids[i] for i in idx.tolist()], self.gid[idx], self.eps[idx], self.sig[idx],
+            self.state.select(idx), self.rate[idx], self.shear_rate[idx],
+        )
+
+    @staticmethod
+    def cat(parts: list["_Batch"]) -> "_Batch":
+        parts = [p for p in parts if p.ids] or parts[:1]
+        if len(parts) == 1:
+            return parts[0]
+        return _Batch(
+            [i for p in parts for i in p.ids],
+            torch.cat([p.gid for p in parts]),
+            torch.cat([p.eps for p in parts]),
+            torch.cat([p.sig for p in parts]),
+            State(*(torch.cat([getattr(p.state, f) for p in parts]) for f in ("eps_p", "xi", "gamma_tw"))),
+            torch.cat([p.rate for p in parts]),
+            torch.cat([p.shear_rate for p in parts]),
+        )
+
+
+class _Solver:
+    """Increments, Newton iterations and cut-backs of one batched solve; see :func:`solve`."""
+
+    def __init__(self, mat: Material, proj: Projection, n: int, load: Load, settings: SolverSettings,
+                 results: list[VEResult]) -> None:
+        self.mat, self.proj, self.n, self.load, self.settings, self.results = mat, proj, n, load, settings, results
+
+    def advance(self, batch: _Batch, t0: float, t1: float, depth: int = 0) -> _Batch:
+        """The batch at ``t1``. VEs that fail are retried alone in halves of the step (cut-backs), the
+        others keep their result; VEs that fail at the deepest cut-back are reported and left out."""
+        trial, conv, reasons = self.newton(batch, t0, t1)
+        if bool(conv.all()):
+            return trial
+        failed = ~conv
+        if depth < self.settings.max_cutbacks:
+            retry = batch.select(failed)
+            for i in retry.ids:
+                self.results[i].cutbacks += 1
+            tm = 0.5 * (t0 + t1)
+            retry = self.advance(retry, t0, tm, depth + 1)
+            if retry.ids:
+                retry = self.advance(retry, tm, t1, depth + 1)
+            return _Batch.cat([trial.select(conv), retry])
+        for b in failed.nonzero().squeeze(-1).tolist():
+            res = self.results[batch.ids[b]]
+            res.converged = False
+            res.reason = f"{reasons[b] or 'no equilibrium'} (t = {t1:g} s, after {self.settings.max_cutbacks} cut-backs)"
+        return trial.select(conv)
+
+    def newton(self, batch: _Batch, t0: float, t1: float) -> tuple[_Batch, torch.Tensor, list[str]]:
+        """Newton iterations from ``t0`` to ``t1``: the trial batch, (B,) converged, a reason per failure.
+
+        Converged VEs leave the iterations; the others go on until they converge, fail or run out of
+        Newton iterations. Each iteration: stress update of every voxel, equilibrium residual, CG.
+        """
+        mat, proj, st, n = self.mat, self.proj, self.settings, self.n
+        B, V = batch.gid.shape
+        dt = t1 - t0
+        eps = batch.eps + batch.rate * dt
+        eps[..., 0] += self.load.rate * t1 - eps[..., 0].mean(dim=1, keepdim=True)
+        sig, xi, shears = batch.sig.clone(), batch.state.xi.clone(), batch.shear_rate * dt
+        eps_p, gamma_tw = batch.state.eps_p.clone(), batch.state.gamma_tw.clone()
+        conv = torch.zeros(B, dtype=torch.bool, device=eps.device)
+        bad = torch.zeros_like(conv)
+        err = torch.full((B,), float("inf"), dtype=eps.dtype, device=eps.device)
+        reasons = [""] * B
+        for _ in range(st.max_newton):
+            act = (~(conv | bad)).nonzero().squeeze(-1)
+            if act.numel() == 0:
+                break
+            whole = act.numel() == B  # no copies when every member is still iterating
+
+            def part(x: torch.Tensor) -> torch.Tensor:
+                return x if whole else x[act]
+
+            s_a, K_a, new, shears_a, ok_a, _ = mat.update(
+                part(batch.gid), part(eps), batch.state if whole else batch.state.select(act), part(sig), part(shears), dt
+            )
+            sig[act], xi[act], eps_p[act], shears[act] = s_a, new.xi, new.eps_p, shears_a
+            if mat.n_twin:
+                gamma_tw[act] = new.gamma_tw
+            res = proj(s_a.reshape(-1, n, n, n, 6))
+            scale = s_a.mean(dim=1).norm(dim=1).clamp(min=1.0)
+            err_a = torch.sqrt(_dot(res, res) / V) / scale
+            finite = torch.isfinite(err_a) & torch.isfinite(s_a).all(dim=(1, 2))
+            bad_a = ~ok_a | ~finite
+            for j, b in enumerate(act.tolist()):
+                self.results[batch.ids[b]].newton_iterations += 1
+                if bool(bad_a[j]):
+                    reasons[b] = "non-finite stress" if not bool(finite[j]) else "stress integration did not converge"
+            conv_a = (err_a < st.tolerance) & ~bad_a
+            err[act], conv[act], bad[act] = err_a, conv_a, bad_a
+            if _DEBUG:
+                print(f"  t={t1:.3f} err={err_a.tolist()}", flush=True)
+            go = ~(conv_a | bad_a)
+            if not bool(go.any()):
+                continue
+            Kf = K_a[go].reshape(-1, n, n, n, 6, 6)
+
+            def apply_A(x: torch.Tensor) -> torch.Tensor:
+                return proj(torch.einsum("bxyzij,bxyzj->bxyzi", Kf, x))
+
+            rn = torch.sqrt(_dot(res[go], res[go]))
+            tol_abs = torch.maximum(st.cg_forcing * rn, 0.2 * st.tolerance * scale[go] * math.sqrt(V))
+            d, cg_it = cg(apply_A, -res[go], tol_abs, st.max_cg)
+            members = act[go]
+            for b in members.tolist():
+                self.results[batch.ids[b]].cg_iterations += cg_it
+            eps[members] += d.reshape(-1, V, 6)
+        for b in (~(conv | bad)).nonzero().squeeze(-1).tolist():
+            reasons[b] = f"no equilibrium after {st.max_newton} Newton iterations"
+        for b in conv.nonzero().squeeze(-1).tolist():
+            r = self.results[batch.ids[b]]
+            r.last_residual = float(err[b])
+            r.max_residual = max(r.max_residual, r.last_residual)
+        trial = _Batch(list(batch.ids), batch.gid, eps, sig, State(eps_p, xi, gamma_tw), (eps - batch.eps) / dt, shears / dt)
+        return trial, conv, reasons
+
+
 def solve(
     grain_ids: np.ndarray,
     eulers: list[np.ndarray],
@@ -595,6 +776,7 @@ def solve(
 
     ``grain_ids`` (B, n, n, n) grain index per voxel, axes (x, y, z); ``eulers[b]`` (G_b, 3) Bunge
     radians. Returns one :class:`VEResult` per VE, in order; failures are results, not exceptions.
+    ``log(increment, results)`` is called after each increment with the results still running.
     """
     start = time.perf_counter()
     grain_ids = np.asarray(grain_ids)
@@ -610,131 +792,35 @@ def solve(
         elastic=settings.elastic,
         dtype=dtype,
         device=device,
-        jacobian_systems=settings.jacobian_systems,
-        state_tol=settings.state_tolerance,
+        compiled=settings.compile,
+        chunk=settings.voxel_chunk,
     )
-    mixed = torch.tensor([0, 1, 1, 1, 1, 1], dtype=dtype)
-    proj = Projection(n, mixed, dtype, device)
-    gid = mat.voxel_grains(grain_ids)
-    kw = dict(dtype=dtype, device=device)
-
-    ids = list(range(B))  # original index of each batch member
+    proj = Projection(n, torch.tensor([0, 1, 1, 1, 1, 1], dtype=dtype), dtype, device)
     results = [
         VEResult(strain=load.strains, stress_xx=np.full(load.increments + 1, np.nan), converged=True) for _ in range(B)
     ]
     for r in results:
         r.stress_xx[0] = 0.0
-
-    eps = torch.zeros(B, V, 6, **kw)
-    sig = torch.zeros(B, V, 6, **kw)
-    state = mat.initial_state(gid)
-    # first guess of the strain increment: uniaxial stress in a transversely isotropic average
-    nu = 0.3
-    deps_last = torch.tensor([1.0, -nu, -nu, 0.0, 0.0, 0.0], **kw).expand(B, V, 6).clone() * load.rate
-    dt_last = 1.0  # deps_last: the strain increment of the last step, of length dt_last
-
-    def fail(members: torch.Tensor, reason: str) -> None:
-        for b in members.nonzero().squeeze(-1).tolist():
-            res = results[ids[b]]
-            res.converged, res.reason = False, reason
-
-    def step(t0: float, t1: float, depth: int):
-        """Advance from t0 to t1, in halves where it fails (recursively); drops VEs that fail at the deepest."""
-        nonlocal eps, sig, state, deps_last, dt_last
-        dt = t1 - t0
-        Bc = eps.shape[0]
-        target_xx = load.rate * t1
-        eps_try = eps + deps_last * (dt / dt_last)
-        eps_try[..., 0] += target_xx - eps_try[..., 0].mean(dim=1, keepdim=True)
-        xi_trial = state.xi.clone()
-        s_try = sig.clone()
-        conv = torch.zeros(Bc, dtype=torch.bool, device=device)
-        bad = torch.zeros(Bc, dtype=torch.bool, device=device)
-        why = ""
-        last_err = torch.full((Bc,), float("inf"), **kw)
-        for it in range(settings.max_newton):
-            s_try, K, new_state, ok, _ = mat.update(gid, eps_try, state, xi_trial, s_try, dt)
-            if not bool(ok.all()):
-                bad |= ~ok
-                why = "stress integration did not converge"
-            if settings.elastic:
-                dxi = torch.zeros(Bc, **kw)
-            else:
-                dxi = ((new_state.xi - xi_trial).abs() / mat.xi_0).amax(dim=(1, 2))
-            xi_trial = new_state.xi
-            f = s_try.reshape(Bc, n, n, n, 6)
-            res = proj(f)
-            mean = s_try.mean(dim=1)
-            scale = mean.norm(dim=1).clamp(min=1.0)
-            err = torch.sqrt(_dot(res, res) / V) / scale
-            finite = torch.isfinite(err) & torch.isfinite(s_try).all(dim=(1, 2))
-            if not bool(finite.all()):
-                bad |= ~finite
-                why = "non-finite stress"
-            conv = (err < settings.tolerance) & ~bad
-            last_err = err
-            if _DEBUG:
-                print(f"  t={t1:.3f} it={it} err={err.tolist()} dxi={dxi.tolist()}", flush=True)
-            for b_i in range(Bc):
-                results[ids[b_i]].newton_iterations += 1
-            if bool((conv | bad).all()):
-                break
-            Kf = K.reshape(Bc, n, n, n, 6, 6)
-
-            def apply_A(x: torch.Tensor) -> torch.Tensor:
-                return proj(torch.einsum("bxyzij,bxyzj->bxyzi", Kf, x))
-
-            rn = torch.sqrt(_dot(res, res))
-            tol_abs = torch.maximum(settings.cg_forcing * rn, 0.2 * settings.tolerance * scale * math.sqrt(V))
-            tol_abs = torch.where(conv | bad, torch.full_like(rn, float("inf")), tol_abs)
-            d, cg_it = cg(apply_A, -res, tol_abs, settings.max_cg)
-            for b_i in range(Bc):
-                results[ids[b_i]].cg_iterations += cg_it
-            eps_try = eps_try + d.reshape(Bc, V, 6)
-        else:
-            why = why or f"no equilibrium after {settings.max_newton} Newton iterations"
-        failed = ~conv
-        if bool(failed.any()) and depth < settings.max_cutbacks:
-            for b_i in failed.nonzero().squeeze(-1).tolist():
-                results[ids[b_i]].cutbacks += 1
-            tm = 0.5 * (t0 + t1)
-            step(t0, tm, depth + 1)
-            if ids:
-                step(tm, t1, depth + 1)
-            return
-        if bool(failed.any()):
-            fail(failed, f"{why or 'no equilibrium'} (t = {t1:g} s, after {settings.max_cutbacks} cut-backs)")
-            keep = ~failed
-            _drop(keep)
-            if not ids:
-                return
-            s_try, new_state, eps_try, last_err = s_try[keep], new_state.select(keep), eps_try[keep], last_err[keep]
-        deps_last, dt_last = eps_try - eps, dt
-        eps, sig, state = eps_try, s_try, new_state
-        for b_i in range(eps.shape[0]):
-            res_ = results[ids[b_i]]
-            res_.last_residual = float(last_err[b_i])
-            res_.max_residual = max(res_.max_residual, res_.last_residual)
-
-    def _drop(keep: torch.Tensor) -> None:
-        nonlocal eps, sig, state, deps_last, gid, ids
-        eps, sig, state, deps_last, gid = eps[keep], sig[keep], state.select(keep), deps_last[keep], gid[keep]
-        ids = [i for i, k in zip(ids, keep.tolist()) if k]
-
+    gid = mat.voxel_grains(grain_ids)
+    kw = dict(dtype=dtype, device=device)
+    # first guess of the strain rate: uniaxial stress in a transversely isotropic average (nu = 0.3)
+    rate = torch.tensor([1.0, -0.3, -0.3, 0.0, 0.0, 0.0], **kw).expand(B, V, 6).clone() * load.rate
+    shear_rate = torch.zeros(B, V, 1 + (mat.n_twin > 0), **kw)  # elastic start
+    batch = _Batch(list(range(B)), gid, torch.zeros(B, V, 6, **kw), torch.zeros(B, V, 6, **kw),
+                   mat.initial_state(gid), rate, shear_rate)
+    solver = _Solver(mat, proj, n, load, settings, results)
     times = load.times
     for inc in range(1, load.increments + 1):
-        if not ids:
+        batch = solver.advance(batch, float(times[inc - 1]), float(times[inc]))
+        if not batch.ids:
             break
-        step(float(times[inc - 1]), float(times[inc]), 0)
-        if not ids:
-            break
-        mean = sig.mean(dim=1).cpu().numpy()
-        for b_i, orig in enumerate(ids):
-            results[orig].stress_xx[inc] = mean[b_i, 0]
-            results[orig].mean_stress = mean[b_i]
-            results[orig].residuals.append(results[orig].last_residual)
+        mean = batch.sig.mean(dim=1).cpu().numpy()
+        for b, i in enumerate(batch.ids):
+            results[i].stress_xx[inc] = mean[b, 0]
+            results[i].mean_stress = mean[b]
+            results[i].residuals.append(results[i].last_residual)
         if log is not None:
-            log(inc, [results[i] for i in ids])
+            log(inc, [results[i] for i in batch.ids])
     wall = time.perf_counter() - start
     for r in results:
         r.wall_s = wall / B
