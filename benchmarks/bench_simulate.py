@@ -9,7 +9,11 @@ listed in --sizes) by voxel refinement and reports the final stress of each.
 
     python benchmarks/bench_simulate.py                       # 32^3 and 64^3, 2 VEs, 20 increments
     python benchmarks/bench_simulate.py --sizes 16 32 --n 2   # quick
+    python benchmarks/bench_simulate.py --sizes 64 --n 1 --float32 --no-unbatched   # float32 vs float64
     python benchmarks/bench_simulate.py --device cuda --dtype float32
+
+``--float32`` also times the float32 solver (batched) in the same run and reports its speed-up over the
+``--dtype`` one and the largest difference of their curves.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--no-unbatched", action="store_true", help="skip the one-VE-at-a-time runs")
+    ap.add_argument("--float32", action="store_true", help="also time float32 (batched) in the same run")
     ap.add_argument("--refine", action="store_true", help="grid refinement 16 -> 32 (-> 64) of one geometry")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
@@ -85,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             walls = [timed(g[i : i + 1], eulers[i : i + 1], load, settings)[0] for i in range(len(eulers))]
             entry["unbatched_s_per_ve"] = float(np.mean(walls))
             entry["batched_speedup"] = entry["unbatched_s_per_ve"] / entry["batched_s_per_ve"]
+        if args.float32:
+            s32 = cp.SolverSettings(device=args.device, dtype="float32")
+            wall_32, res_32 = timed(g, eulers, load, s32)
+            entry["float32_s_per_ve"] = wall_32 / len(eulers)
+            entry["float32_speedup"] = entry["batched_s_per_ve"] / entry["float32_s_per_ve"]
+            entry["float32_max_rel_diff"] = float(max(
+                np.nanmax(np.abs(a.stress_xx[1:] / b.stress_xx[1:] - 1)) for a, b in zip(res_32, res_b)
+            ))
+            print(f"{size}^3 float32: {entry['float32_s_per_ve']:.1f} s/VE (x{entry['float32_speedup']:.2f} vs "
+                  f"{args.dtype}), curves within {entry['float32_max_rel_diff']:.1e}", flush=True)
         core_s = entry["batched_s_per_ve"] * (args.threads if args.device == "cpu" else 1)
         entry["core_s_per_ve"] = core_s
         entry["paper_core_s_per_ve"] = PAPER_CORE_SECONDS

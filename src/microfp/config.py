@@ -195,7 +195,10 @@ class SimulateParams(_Strict):
     workers: int = Field(0, ge=0, le=100_000, description="local Dask worker processes; 0 = cores / threads")
     threads_per_worker: int = Field(1, gt=0, le=1024, description="torch threads of each worker")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
-    dtype: Literal["float64", "float32"] = "float64"
+    dtype: Literal["float64", "float32"] = Field(
+        "float64", description="float32: about 1.8x faster on CPU, curves within ~1e-6 of float64"
+    )
+    voxel_chunk: int = Field(32768, gt=0, le=2**30, description="voxels per local-update call (larger on GPUs)")
 
 
 class SurrogateParams(_Strict):

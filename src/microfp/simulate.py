@@ -43,7 +43,7 @@ from microfp.config import Params, SimulateParams, load_params
 from microfp.errors import MicrofpError
 from microfp.volumes import relabel_contiguous
 
-SOLVER_VERSION = "galerkin-newton-cg-v1"
+SOLVER_VERSION = "galerkin-newton-cg-v2"  # v2: fully implicit voxel update (same curves within tolerance)
 """Change when the results of the spectral solver change (part of the resume key)."""
 
 BACKENDS = ("spectral", "damask")
@@ -184,6 +184,7 @@ def run_spectral(jobs: list[dict[str, Any]], sp_dict: dict[str, Any]) -> list[di
         twinning=sp.twinning,
         dtype=sp.dtype,
         device=resolve_device(sp.device),
+        voxel_chunk=sp.voxel_chunk,
     )
     load = cp.Load(strain=sp.strain, rate=sp.strain_rate, increments=sp.increments)
     records = []
