@@ -387,12 +387,13 @@ class Material:
         """Newton (with line search) for the stress and the accumulated shears of voxels ``g`` (m,).
 
         Fully implicit: the resistances follow the shears inside the iterations (:meth:`_resistances`).
-        ``sig`` (m, 6) and ``shears`` (m, k) are the first guess. Returns ``(sig, dgamma, xi, shears, K,
-        converged, iterations)``; ``K`` (m, 6, 6) is the tangent at fixed
+        ``sig`` (m, 6) and ``shears`` (m, k) are the first guess. Returns ``(sig, dgamma, d eps_p, xi, shears,
+        K, converged, iterations)``; ``K`` (m, 6, 6) is the tangent at fixed
         resistances, ``(S + sum_a d dgamma_a / d tau_a p_a p_a^T)^-1``, symmetric positive definite.
         """
         m = g.shape[0]
         Pg, Sg = self.P[g], self.S[g]
+        P_all = Pg  # Pg shrinks to the unconverged voxels below
         y = torch.cat([sig, shears], dim=1)
         out = {"y": y.clone(), "dg": torch.zeros_like(xi_n), "xi": xi_n.clone(),
                "K": torch.empty(m, 6, 6, dtype=self.dtype, device=self.device)}
@@ -440,7 +441,8 @@ class Material:
             bad = ~converged
             out["y"][active] = y
             out["K"][bad] = self.C[g[bad]]
-        return out["y"][:, :6], out["dg"], out["xi"], out["y"][:, 6:], out["K"], converged, iterations
+        deps_p = torch.bmm(out["dg"].unsqueeze(1), P_all).squeeze(1)
+        return out["y"][:, :6], out["dg"], deps_p, out["xi"], out["y"][:, 6:], out["K"], converged, iterations
 
     def update(self, gid: torch.Tensor, eps: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
                shears_guess: torch.Tensor, dt: float):
@@ -473,10 +475,10 @@ class Material:
             self._local(g[c], target[c], xi_n[c], tf[c], sig_guess[c], shears_guess[c], dt)
             for c in (slice(i, i + self.chunk) for i in range(0, M, self.chunk))
         ]
-        sig, dg, xi, shears, K, conv = (torch.cat([c[k] for c in chunks]) for k in range(6))
-        most = max(c[6] for c in chunks)
+        sig, dg, deps_p, xi, shears, K, conv = (torch.cat([c[k] for c in chunks]) for k in range(7))
+        most = max(c[7] for c in chunks)
         ok = conv.reshape(B, V).all(dim=1)
-        eps_p = state_n.eps_p.reshape(M, 6) + torch.bmm(dg.unsqueeze(1), self.P[g]).squeeze(1)
+        eps_p = state_n.eps_p.reshape(M, 6) + deps_p
         gamma_tw = state_n.gamma_tw
         if self.n_twin:
             gamma_tw = gamma_tw + dg[:, self.twin].reshape(B, V, -1)
