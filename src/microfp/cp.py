@@ -225,11 +225,11 @@ def _power(x: torch.Tensor, e: float) -> torch.Tensor:
     return x.pow(e)
 
 
-def _flow(tau: torch.Tensor, xi: torch.Tensor, tf: torch.Tensor, twin: torch.Tensor, rate: torch.Tensor, n: float):
+def _flow(tau: torch.Tensor, xi: torch.Tensor, tf: torch.Tensor, twin: torch.Tensor, rate: float, n: float):
     """phenopowerlaw shear increments ``dgamma = rate |tau / xi|^n sign(tau)`` (m, N_s), twins only for
     tau > 0 and scaled by the untwinned fraction ``tf`` (m, 1); with d/d tau and d/d xi.
 
-    ``rate`` = dt * dot_gamma_0, a 0-d tensor.
+    ``rate`` = dt * dot_gamma_0.
     """
     ratio = (tau / xi).clamp(-1e3, 1e3)
     powm1 = _power(ratio.abs(), n - 1.0)
@@ -313,8 +313,7 @@ class Material:
     def _flow(self, tau: torch.Tensor, xi: torch.Tensor, tf: torch.Tensor, dt: float):
         """Shear increments ``dgamma`` (m, N_s) at resolved stresses ``tau`` and resistances ``xi``, and
         their derivatives with respect to tau and xi (the twin volume factor ``tf`` (m, 1) held fixed)."""
-        rate = torch.tensor(dt * self.p.dot_gamma_0, dtype=self.dtype, device=self.device)
-        return _flow(tau, xi, tf, self.twin, rate, self.p.n)
+        return _flow(tau, xi, tf, self.twin, dt * self.p.dot_gamma_0, self.p.n)
 
     def _resistances(self, xi_n: torch.Tensor, shears: torch.Tensor):
         """Backward-Euler resistances after the accumulated shears of the increment, and d xi / d Gamma.
