@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,11 +69,17 @@ from microfp.shards import (
 __all__ = [
     "FormatError",
     "MAX_GRAINS",
+    "Phase",
+    "Volume",
+    "read_damask_volume",
+    "read_dream3d_volume",
+    "read_volume",
     "read_damask",
     "read_dream3d",
     "read_ve_file",
     "write_damask",
     "write_dream3d",
+    "write_dream3d_volume",
 ]
 
 MAX_GRAINS = 65535
@@ -104,6 +111,55 @@ class FormatError(MicrofpError):
     """A VE file in a foreign format (DREAM3D, DAMASK) that cannot be read or written; one line."""
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a volume: ``name``, crystal ``family`` (cubic|hexagonal, None when unsupported or
+    not given), the file's own ``code`` (DREAM3D Laue class id, DAMASK lattice) and a ``label``."""
+
+    name: str
+    family: str | None
+    code: Any
+    label: str
+
+
+@dataclass
+class Volume:
+    """A volume of any shape as a file holds it, before resampling or windowing.
+
+    ``grain_ids`` (nx, ny, nz) int64 grain index 0..G-1 per voxel (axes x, y, z); ``euler`` (G, 3)
+    float64 Bunge angles in radians as stored (not reduced); ``grain_phase`` (G,) int64 phase number
+    of each grain (0: no phase, e.g. DREAM3D's unassigned feature 0); ``phases`` number -> Phase;
+    ``spacing`` (3,) length units per voxel along x, y, z (None when the file gives none);
+    ``periodic``: whether the volume repeats (DAMASK grids do).
+    """
+
+    grain_ids: np.ndarray
+    euler: np.ndarray
+    grain_phase: np.ndarray
+    phases: dict[int, Phase]
+    spacing: np.ndarray | None
+    periodic: bool
+    source: str
+    fmt: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.grain_ids.shape)  # type: ignore[return-value]
+
+    def family(self, number: int) -> str:
+        """Crystal family of phase ``number``; FormatError when the file does not give a supported one."""
+        phase = self.phases.get(number)
+        if phase is None:
+            raise FormatError(f"{self.source}: phase {number} is not described in the file; pass crystal=")
+        if phase.family is None:
+            raise FormatError(
+                f"{self.attrs.get('material', self.source)}: phase {phase.name!r} has {phase.label}, "
+                "not a supported crystal family (cubic: cF, cI, cP or Laue class 1; hexagonal: hP or Laue class 0); pass crystal="
+            )
+        return phase.family
+
+
 # --------------------------------------------------------------------------------------------------
 # dispatch
 
@@ -128,6 +184,17 @@ def read_ve_file(path: str | Path, crystal: str | None = None) -> VESet:
     raise FormatError(f"{path}: unknown VE file type {suffix or '(no extension)'!r}; expected one of {', '.join(SUFFIXES)}")
 
 
+def read_volume(path: str | Path, material_path: str | Path | None = None) -> Volume:
+    """Read a volume of any shape: ``.dream3d`` (non-periodic) or DAMASK ``.vti`` (periodic)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".dream3d":
+        return read_dream3d_volume(path)
+    if suffix == ".vti":
+        return read_damask_volume(path, material_path)
+    raise FormatError(f"{path}: unknown volume file type {suffix or '(no extension)'!r}; expected .dream3d or .vti")
+
+
 # --------------------------------------------------------------------------------------------------
 # DREAM3D
 
@@ -144,40 +211,62 @@ def read_dream3d(
     ``crystal`` (cubic|hexagonal) overrides ``CrystalStructures``; ``resolution`` (length units per
     voxel) overrides ``SPACING``; ``container`` (an HDF5 group path, e.g.
     ``DataContainers/SyntheticVolumeDataContainer``) picks one when the file holds several VEs.
+    The VE must be cubic (n x n x n voxels); volumes of any shape: :func:`read_dream3d_volume`.
     """
-    path = Path(path)
     source = str(path)
     if crystal is not None:
         crystal = _check_crystal(crystal, source)
     if resolution is not None:
         resolution = _check_resolution(resolution, source)
+    volume = read_dream3d_volume(path, container=container, allow_unassigned=False)
+    _check_cubic(volume.grain_ids.shape, source)
+    if resolution is None:
+        if volume.spacing is None:
+            raise FormatError(f"{path}: no SPACING in the geometry; pass the resolution (length units per voxel)")
+        resolution = _isotropic(volume.spacing, source, "SPACING")
+    if crystal is None:
+        used = [volume.phases.get(int(k)) for k in np.unique(volume.grain_phase) if k > 0]
+        codes = [p.code for p in used if p is not None and p.code is not None]
+        if not codes:  # no phase in use is described: any described phase (as DREAM3D 6 files have it)
+            codes = [p.code for p in volume.phases.values() if p.code is not None]
+        crystal = _dream3d_crystal(np.asarray(codes) if codes else None, source)
+    return _one_ve(volume.grain_ids, _from_euler(volume.euler), crystal, resolution, source, "dream3d")
+
+
+def read_dream3d_volume(
+    path: str | Path, *, container: str | None = None, allow_unassigned: bool = True
+) -> Volume:
+    """Read a DREAM3D image volume of any shape, spacing and number of phases.
+
+    Feature id 0 (DREAM3D's "unassigned" feature) becomes a grain of phase 0 (no phase) when
+    ``allow_unassigned`` and orientations come per feature; otherwise it is an error. Phases come from
+    ``Phases`` (per feature, else per cell; all phase 1 when absent), their Laue class from
+    ``CrystalStructures`` and their names from ``PhaseName`` when the file has them.
+    """
+    path = Path(path)
+    source = str(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     try:
         with h5py.File(path, "r") as f:
-            fids, euler, per_cell, structures, spacing = _read_dream3d_arrays(f, source, container)
+            arrays = _read_dream3d_arrays(f, source, container)
     except MicrofpError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
         raise FormatError(f"{path}: not a readable DREAM3D file ({_reason(err)})") from None
+    fids, euler, per_cell = arrays["fids"], arrays["euler"], arrays["per_cell"]
 
     # fids (z, y, x) integer feature ids; euler (F+1, 3) per feature or (z, y, x, 3) per cell.
-    if resolution is None:
-        if spacing is None:
-            raise FormatError(f"{path}: no SPACING in the geometry; pass the resolution (length units per voxel)")
-        resolution = _isotropic(spacing, source, "SPACING")
-    if crystal is None:
-        crystal = _dream3d_crystal(structures, source)
-
     uniq, first, inverse = np.unique(fids.reshape(-1), return_index=True, return_inverse=True)
     _check_grain_count(len(uniq), source)
+    unassigned = bool(uniq[0] == 0) and not per_cell
     if per_cell:
         cells = euler.reshape(-1, 3)
         _check_angles(cells, source, "per-cell EulerAngles")
         grain_euler = cells[first]
         _check_constant(cells, grain_euler, inverse, uniq, source)
     else:
-        if uniq[0] == 0:
+        if unassigned and not allow_unassigned:
             count = int(np.count_nonzero(fids == 0))
             raise FormatError(
                 f"{path}: {count} voxels have feature id 0 (DREAM3D's unassigned feature, no orientation); "
@@ -188,10 +277,35 @@ def read_dream3d(
                 f"{path}: FeatureIds go up to {int(uniq[-1])} but the feature Euler angles have only "
                 f"{euler.shape[0]} rows (features 0..{euler.shape[0] - 1})"
             )
-        grain_euler = euler[uniq]
+        grain_euler = euler[uniq].copy()
+        if unassigned:
+            grain_euler[0] = 0.0  # row 0 of DREAM3D feature arrays holds nothing
         _check_angles(grain_euler, source, "feature EulerAngles")
+
+    feature_phases, cell_phases = arrays["feature_phases"], arrays["cell_phases"]
+    if feature_phases is not None and uniq[-1] < feature_phases.size:
+        grain_phase = feature_phases[uniq]
+    elif cell_phases is not None:
+        grain_phase = cell_phases.reshape(-1)[first]
+    else:
+        grain_phase = np.ones(len(uniq), dtype=np.int64)
+    grain_phase = np.asarray(grain_phase, dtype=np.int64)
+    if unassigned:
+        grain_phase[0] = 0
+    structures, names = arrays["structures"], arrays["phase_names"]
+    numbers = sorted({int(k) for k in grain_phase if k > 0} | set(range(1, 0 if structures is None else structures.size)))
+    phases = {}
+    for k in numbers:
+        code = int(structures[k]) if structures is not None and k < structures.size else None
+        if code == 999:
+            code = None
+        name = names[k] if names is not None and k < len(names) and names[k] else f"phase {k}"
+        phases[k] = Phase(name, LAUE_CLASSES.get(code) if code is not None else None, code,
+                          LAUE_NAMES.get(code, f"Laue class {code}") if code is not None else "no CrystalStructures")
     grain_ids = inverse.reshape(fids.shape).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
-    return _one_ve(grain_ids, _from_euler(grain_euler), crystal, resolution, source, "dream3d")
+    spacing = arrays["spacing"]
+    return Volume(np.ascontiguousarray(grain_ids), grain_euler.astype(np.float64), grain_phase, phases,
+                  None if spacing is None else np.asarray(spacing, dtype=np.float64).reshape(-1), False, source, "dream3d")
 
 
 def write_dream3d(path: str | Path, ves: VESet, index: int = 0, *, cell_euler: bool = True) -> Path:
@@ -202,14 +316,37 @@ def write_dream3d(path: str | Path, ves: VESet, index: int = 0, *, cell_euler: b
     EulerAngles), ``CellFeatureData`` (AvgEulerAngles with the unused feature 0, Phases) and
     ``CellEnsembleData`` (CrystalStructures, PhaseTypes). Atomic: temp file, then rename.
     """
-    path = Path(path)
     g, e = _export_ve(ves, index, str(path))
-    n = g.shape[0]
-    dims_xyz = np.array([n, n, n], dtype=np.int64)
-    tuple_dims = np.array([n, n, n], dtype=np.uint64)
+    laue = {v: k for k, v in LAUE_CLASSES.items()}[ves.crystal]
+    volume = Volume(g.astype(np.int64), e.astype(np.float64), np.ones(len(e), np.int64),
+                    {1: Phase(ves.crystal, ves.crystal, laue, LAUE_NAMES[laue])},
+                    np.full(3, float(ves.resolution)), True, str(path), "dream3d")
+    return write_dream3d_volume(path, volume, cell_euler=cell_euler)
+
+
+def write_dream3d_volume(path: str | Path, volume: Volume, *, cell_euler: bool = True) -> Path:
+    """Export a :class:`Volume` of any shape, spacing and phases as a DREAM3D 6.x (SIMPL) file.
+
+    Grain ``g`` becomes feature ``g + 1`` of phase ``volume.grain_phase[g]``; phase ``k`` gets
+    ``CrystalStructures[k]`` (Laue class 1 cubic, 0 hexagonal) and ``PhaseName[k]``. Atomic.
+    """
+    path = Path(path)
+    g, e = volume.grain_ids, np.asarray(volume.euler, dtype=np.float32)
+    if volume.spacing is None:
+        raise FormatError(f"{path}: the volume has no spacing to write")
+    n_phases = max(volume.phases) if volume.phases else 1
+    laue = {v: k for k, v in LAUE_CLASSES.items()}
+    structures = np.full((n_phases + 1, 1), 999, np.uint32)
+    names = ["Unknown Phase Type"] + [f"phase {k}" for k in range(1, n_phases + 1)]
+    for k, phase in volume.phases.items():
+        if phase.family is None:
+            raise FormatError(f"{path}: phase {phase.name!r} has no crystal family to write")
+        structures[k, 0], names[k] = laue[phase.family], phase.name
+    dims_xyz = np.array(g.shape, dtype=np.int64)
+    tuple_dims = np.array(g.shape, dtype=np.uint64)
     fids = np.ascontiguousarray((g.astype(np.int32) + 1).transpose(2, 1, 0)[..., None])  # (z, y, x, 1)
     feature_euler = np.vstack([np.zeros((1, 3), np.float32), e]).astype(np.float32)
-    laue = {v: k for k, v in LAUE_CLASSES.items()}[ves.crystal]
+    feature_phase = np.concatenate([[0], volume.grain_phase]).astype(np.int32)[:, None]
 
     def array(group: h5py.Group, name: str, data: np.ndarray, type_name: str, tdims: np.ndarray) -> None:
         opts: dict[str, Any] = dict(track_times=False)
@@ -251,32 +388,33 @@ def write_dream3d(path: str | Path, ves: VESet, index: int = 0, *, cell_euler: b
                 geom.attrs[key] = value
             geom.create_dataset("DIMENSIONS", data=dims_xyz, track_times=False)
             geom.create_dataset("ORIGIN", data=np.zeros(3, np.float32), track_times=False)
-            geom.create_dataset("SPACING", data=np.full(3, ves.resolution, np.float32), track_times=False)
+            geom.create_dataset("SPACING", data=np.asarray(volume.spacing, np.float32), track_times=False)
 
             cell = matrix(dc, "CellData", 3, tuple_dims)
             array(cell, "FeatureIds", fids, "int32_t", tuple_dims)
-            array(cell, "Phases", np.ones_like(fids), "int32_t", tuple_dims)
+            array(cell, "Phases", np.ascontiguousarray(feature_phase[fids[..., 0]]), "int32_t", tuple_dims)
             if cell_euler:
                 array(cell, "EulerAngles", np.ascontiguousarray(feature_euler[fids[..., 0]]), "float", tuple_dims)
             ftd = np.array([feature_euler.shape[0]], dtype=np.uint64)
             feature = matrix(dc, "CellFeatureData", 7, ftd)
             array(feature, "AvgEulerAngles", feature_euler, "float", ftd)
-            phases = np.ones((feature_euler.shape[0], 1), np.int32)
-            phases[0] = 0
-            array(feature, "Phases", phases, "int32_t", ftd)
-            etd = np.array([2], dtype=np.uint64)
+            array(feature, "Phases", feature_phase, "int32_t", ftd)
+            etd = np.array([n_phases + 1], dtype=np.uint64)
             ensemble = matrix(dc, "CellEnsembleData", 11, etd)
-            array(ensemble, "CrystalStructures", np.array([[999], [laue]], np.uint32), "uint32_t", etd)
-            array(ensemble, "PhaseTypes", np.array([[999], [0]], np.uint32), "uint32_t", etd)
+            array(ensemble, "CrystalStructures", structures, "uint32_t", etd)
+            array(ensemble, "PhaseTypes", np.vstack([[[999]], np.zeros((n_phases, 1), np.uint32)]).astype(np.uint32), "uint32_t", etd)
+            ensemble.create_dataset("PhaseName", data=np.array([n.encode() for n in names], dtype=object),
+                                    dtype=h5py.string_dtype("utf-8"), track_times=False)
 
     _atomic_write({path: write}, str(path))
     return path
 
 
-def _read_dream3d_arrays(
-    f: h5py.File, source: str, container: str | None
-) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray | None, np.ndarray | None]:
-    """(feature ids (z,y,x), Euler angles, per_cell, CrystalStructures or None, SPACING or None)."""
+def _read_dream3d_arrays(f: h5py.File, source: str, container: str | None) -> dict[str, Any]:
+    """The arrays of one DREAM3D image volume: ``fids`` (z, y, x) feature ids, ``euler`` (F+1, 3) per
+    feature or (z, y, x, 3) per cell, ``per_cell``, ``structures`` (P+1,) CrystalStructures or None,
+    ``phase_names`` (P+1 names) or None, ``feature_phases`` (F+1,) or None, ``cell_phases`` (z, y, x)
+    or None, ``spacing`` (3,) SPACING (x, y, z) or None."""
     root: h5py.Group = f
     if container is not None:
         if container not in f or not isinstance(f[container], h5py.Group):
@@ -311,10 +449,8 @@ def _read_dream3d_arrays(
             f"{source}: {ids_ds.name} has {zyx[2]} x {zyx[1]} x {zyx[0]} (x, y, z) cells but the geometry "
             f"DIMENSIONS are {' x '.join(str(int(d)) for d in dims)}"
         )
-    if len(set(zyx)) != 1 or zyx[0] < 1:
-        raise FormatError(
-            f"{source}: VE must be cubic (n x n x n voxels), got {zyx[2]} x {zyx[1]} x {zyx[0]} (x, y, z)"
-        )
+    if min(zyx) < 1:
+        raise FormatError(f"{source}: {ids_ds.name} is empty ({zyx[2]} x {zyx[1]} x {zyx[0]} cells)")
 
     feature_ds = None
     for group in _subgroups(dc, exclude=cell_am.name):
@@ -345,18 +481,37 @@ def _read_dream3d_arrays(
             raise FormatError(f"{source}: {cell_ds.name} has shape {cell_ds.shape}, expected {zyx + (3,)}")
         euler, per_cell = np.asarray(cell_ds[()], dtype=np.float64), True
 
-    structures = None
+    structures = names = feature_phases = None
     for group in _subgroups(dc, exclude=cell_am.name):
         if "CrystalStructures" in group and isinstance(group["CrystalStructures"], h5py.Dataset):
-            structures = np.asarray(group["CrystalStructures"][()]).reshape(-1)
-            used = _used_phases(cell_am, zyx)
-            if used is not None:
-                used = used[(used > 0) & (used < structures.size)]
-                structures = structures[used] if used.size else structures[1:]
-            else:
-                structures = structures[1:]
+            structures = np.asarray(group["CrystalStructures"][()]).reshape(-1).astype(np.int64)
+            names = _phase_names(group, structures.size)
             break
-    return fids, euler, per_cell, structures, spacing
+    for group in _subgroups(dc, exclude=cell_am.name):
+        ds = group.get("Phases")
+        if isinstance(ds, h5py.Dataset) and ds.dtype.kind in "iu" and ds.ndim <= 2 and ds.size == ds.shape[0]:
+            if feature_ds is None or ds.shape[0] == feature_ds.shape[0]:
+                feature_phases = np.asarray(ds[()]).reshape(-1).astype(np.int64)
+                break
+    ds = cell_am.get("Phases")
+    cell_phases = None
+    if isinstance(ds, h5py.Dataset) and ds.size == math.prod(zyx) and ds.dtype.kind in "iu":
+        cell_phases = np.asarray(ds[()]).reshape(zyx).astype(np.int64)
+    return {"fids": fids, "euler": euler, "per_cell": per_cell, "structures": structures, "phase_names": names,
+            "feature_phases": feature_phases, "cell_phases": cell_phases, "spacing": spacing}
+
+
+def _phase_names(group: h5py.Group, count: int) -> list[str] | None:
+    """Phase names (PhaseName/PhaseNames/MaterialName string arrays), one per CrystalStructures row."""
+    for key in ("PhaseName", "PhaseNames", "MaterialName"):
+        ds = group.get(key)
+        if isinstance(ds, h5py.Dataset) and ds.size == count:
+            try:
+                values = np.asarray(ds[()]).reshape(-1)
+                return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+            except (TypeError, ValueError, OSError):
+                return None
+    return None
 
 
 def _dream3d_geometry(dc: h5py.Group) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -382,13 +537,6 @@ def _subgroups(group: h5py.Group, exclude: str) -> list[h5py.Group]:
     children = [group[k] for k in sorted(group.keys()) if isinstance(group.get(k), h5py.Group)]
     children = [c for c in children if c.name != exclude and not c.name.endswith("_SIMPL_GEOMETRY")]
     return sorted(children, key=lambda c: 0 if int(np.asarray(c.attrs.get("AttributeMatrixType", 0)).reshape(-1)[0]) == 7 else 1)
-
-
-def _used_phases(cell_am: h5py.Group, zyx: tuple[int, ...]) -> np.ndarray | None:
-    ds = cell_am.get("Phases")
-    if isinstance(ds, h5py.Dataset) and ds.size == math.prod(zyx) and ds.dtype.kind in "iu":
-        return np.unique(np.asarray(ds[()]).reshape(-1)).astype(np.int64)
-    return None
 
 
 def _dream3d_crystal(structures: np.ndarray | None, source: str) -> str:
@@ -438,12 +586,32 @@ def _check_constant(cells: np.ndarray, ref: np.ndarray, inverse: np.ndarray, uni
 def read_damask(vti_path: str | Path, material_path: str | Path | None = None, crystal: str | None = None) -> VESet:
     """Read a DAMASK grid (``.vti``) and its ``material.yaml`` (default: next to the grid).
 
-    ``crystal`` (cubic|hexagonal) overrides the family given by the phases' ``lattice``.
+    ``crystal`` (cubic|hexagonal) overrides the family given by the phases' ``lattice``. The grid must
+    be cubic (n x n x n cells of cubes); grids of any shape: :func:`read_damask_volume`.
     """
-    vti_path = Path(vti_path)
     source = str(vti_path)
     if crystal is not None:
         crystal = _check_crystal(crystal, source)
+    volume = read_damask_volume(vti_path, material_path)
+    _check_cubic(volume.grain_ids.shape, source)
+    assert volume.spacing is not None
+    resolution = _isotropic(volume.spacing, source, "grid size / cells")
+    if crystal is None:
+        families = {volume.family(int(k)) for k in np.unique(volume.grain_phase)}
+        if len(families) > 1:
+            raise FormatError(f"{volume.attrs['material']}: materials of several crystal families ({', '.join(sorted(families))}); pass crystal=")
+        crystal = families.pop()
+    return _one_ve(volume.grain_ids, _from_euler(volume.euler), crystal, resolution, source, "damask")
+
+
+def read_damask_volume(vti_path: str | Path, material_path: str | Path | None = None) -> Volume:
+    """Read a DAMASK grid (``.vti`` + ``material.yaml``) of any shape and cell size; periodic.
+
+    Phases are the entries of the ``phase`` mapping of ``material.yaml``, numbered 1, 2, ... in file
+    order; each material used by the grid is one grain of its single constituent's phase.
+    """
+    vti_path = Path(vti_path)
+    source = str(vti_path)
     if not vti_path.is_file():
         raise FormatError(f"{vti_path}: no such file")
     material_path = Path(material_path) if material_path is not None else vti_path.with_name("material.yaml")
@@ -453,9 +621,7 @@ def read_damask(vti_path: str | Path, material_path: str | Path | None = None, c
     materials, phases = _load_material_yaml(material_path)
 
     cells = material.shape
-    if len(set(cells)) != 1:
-        raise FormatError(f"{source}: VE must be cubic (n x n x n voxels), got {cells[0]} x {cells[1]} x {cells[2]}")
-    resolution = _isotropic(np.asarray(size, dtype=np.float64) / np.asarray(cells), source, "grid size / cells")
+    spacing = np.asarray(size, dtype=np.float64) / np.asarray(cells)
     if material.dtype.kind == "f":
         if not np.all(np.isfinite(material)) or not np.array_equal(material, np.round(material)):
             raise FormatError(f"{source}: material ids are not integers")
@@ -473,22 +639,28 @@ def read_damask(vti_path: str | Path, material_path: str | Path | None = None, c
             f"({len(materials)} materials, ids 0..{len(materials) - 1})"
         )
 
+    numbers = {name: k for k, name in enumerate(phases, start=1)}
+    table = {}
+    for name, k in numbers.items():
+        spec = phases[name]
+        lattice = spec.get("lattice") if isinstance(spec, dict) else None
+        label = "no lattice" if lattice is None else f"unsupported lattice {lattice!r} (cF, cI, cP, hP)"
+        table[k] = Phase(str(name), LATTICE_FAMILIES.get(lattice), lattice, label)
     quats = np.empty((len(uniq), 4))
-    families: set[str] = set()
+    grain_phase = np.empty(len(uniq), dtype=np.int64)
     for k, m in enumerate(uniq):
         q, phase = _constituent(materials[int(m)], int(m), material_path)
         quats[k] = q
-        if crystal is None:
-            families.add(_phase_family(phase, phases, material_path))
-    if crystal is None:
-        if len(families) > 1:
-            raise FormatError(f"{material_path}: materials of several crystal families ({', '.join(sorted(families))}); pass crystal=")
-        crystal = families.pop()
+        if phase not in numbers:  # refused only when its family is needed (crystal= may override it)
+            numbers[phase] = len(numbers) + 1
+            table[numbers[phase]] = Phase(str(phase), None, None, "no entry under 'phase'")
+        grain_phase[k] = numbers[phase]
     import damask
 
-    rotations = damask.Rotation.from_quaternion(quats, accept_homomorph=True)
+    euler = damask.Rotation.from_quaternion(quats, accept_homomorph=True).as_Euler_angles()
     grain_ids = inverse.reshape(cells)
-    return _one_ve(grain_ids, rotations, crystal, resolution, source, "damask")
+    return Volume(grain_ids, np.asarray(euler, dtype=np.float64).reshape(-1, 3), grain_phase, table, spacing, True,
+                  source, "damask", {"material": str(material_path)})
 
 
 def write_damask(
@@ -628,18 +800,6 @@ def _constituent(entry: Any, m: int, path: Path) -> tuple[np.ndarray, Any]:
     return q / norm, c.get("phase")
 
 
-def _phase_family(phase: Any, phases: dict[str, Any], path: Path) -> str:
-    if not isinstance(phase, str) or phase not in phases:
-        raise FormatError(f"{path}: phase {phase!r} is not defined under 'phase'; pass crystal=")
-    spec = phases[phase]
-    lattice = spec.get("lattice") if isinstance(spec, dict) else None
-    if lattice is None:
-        raise FormatError(f"{path}: phase {phase!r} has no lattice; pass crystal='cubic' or 'hexagonal'")
-    if lattice not in LATTICE_FAMILIES:
-        raise FormatError(f"{path}: phase {phase!r} has unsupported lattice {lattice!r} (cF, cI, cP, hP), or pass crystal=")
-    return LATTICE_FAMILIES[lattice]
-
-
 def _yaml_text(config: Any) -> str:
     import io
 
@@ -750,6 +910,14 @@ def _check_crystal(crystal: str, source: str) -> str:
     if crystal not in CRYSTAL_FAMILIES:
         raise FormatError(f"{source}: crystal family must be cubic or hexagonal, got {crystal!r}")
     return crystal
+
+
+def _check_cubic(shape: tuple[int, ...], source: str) -> None:
+    if len(set(shape)) != 1:
+        raise FormatError(
+            f"{source}: VE must be cubic (n x n x n voxels), got {shape[0]} x {shape[1]} x {shape[2]} (x, y, z); "
+            "volumes of any shape: `microfp fingerprint-volume`"
+        )
 
 
 def _check_resolution(resolution: float, source: str) -> float:
