@@ -74,6 +74,7 @@ __all__ = [
     "read_damask_volume",
     "read_dream3d_volume",
     "read_volume",
+    "reduced_euler",
     "read_damask",
     "read_dream3d",
     "read_ve_file",
@@ -230,7 +231,7 @@ def read_dream3d(
         if not codes:  # no phase in use is described: any described phase (as DREAM3D 6 files have it)
             codes = [p.code for p in volume.phases.values() if p.code is not None]
         crystal = _dream3d_crystal(np.asarray(codes) if codes else None, source)
-    return _one_ve(volume.grain_ids, _from_euler(volume.euler), crystal, resolution, source, "dream3d")
+    return _one_ve(volume.grain_ids, volume.euler, crystal, resolution, source, "dream3d")
 
 
 def read_dream3d_volume(
@@ -601,7 +602,7 @@ def read_damask(vti_path: str | Path, material_path: str | Path | None = None, c
         if len(families) > 1:
             raise FormatError(f"{volume.attrs['material']}: materials of several crystal families ({', '.join(sorted(families))}); pass crystal=")
         crystal = families.pop()
-    return _one_ve(volume.grain_ids, _from_euler(volume.euler), crystal, resolution, source, "damask")
+    return _one_ve(volume.grain_ids, volume.euler, crystal, resolution, source, "damask")
 
 
 def read_damask_volume(vti_path: str | Path, material_path: str | Path | None = None) -> Volume:
@@ -827,12 +828,9 @@ class _quiet_vtk:
 # shared helpers
 
 
-def _one_ve(grain_ids: np.ndarray, rotations: Any, crystal: str, resolution: float, source: str, fmt: str) -> VESet:
-    """One-VE VESet from (x, y, z) grain ids 0..G-1 and G rotations, reduced to the fundamental zone."""
-    import damask
-
-    euler = damask.Orientation(rotation=rotations, family=crystal).reduced.as_Euler_angles()
-    euler = np.clip(euler, 0.0, EULER_SCALE.astype(np.float64)).astype(np.float32)
+def _one_ve(grain_ids: np.ndarray, euler: np.ndarray, crystal: str, resolution: float, source: str, fmt: str) -> VESet:
+    """One-VE VESet from (x, y, z) grain ids 0..G-1 and G Euler angles, reduced to the fundamental zone."""
+    euler = reduced_euler(euler, crystal)
     ves = VESet(
         grain_ids=np.ascontiguousarray(grain_ids.astype(np.uint16))[None],
         euler=euler[None],
@@ -847,10 +845,13 @@ def _one_ve(grain_ids: np.ndarray, rotations: Any, crystal: str, resolution: flo
     return ves
 
 
-def _from_euler(euler: np.ndarray) -> Any:
+def reduced_euler(euler: np.ndarray, crystal: str) -> np.ndarray:
+    """Bunge angles (G, 3) in radians -> (G, 3) float32, reduced to the family's fundamental zone (damask)."""
     import damask
 
-    return damask.Rotation.from_Euler_angles(np.asarray(euler, dtype=np.float64))
+    rotations = damask.Rotation.from_Euler_angles(np.asarray(euler, dtype=np.float64).reshape(-1, 3))
+    reduced = damask.Orientation(rotation=rotations, family=crystal).reduced.as_Euler_angles()
+    return np.clip(np.asarray(reduced).reshape(-1, 3), 0.0, EULER_SCALE.astype(np.float64)).astype(np.float32)
 
 
 def _export_ve(ves: VESet, index: int, source: str) -> tuple[np.ndarray, np.ndarray]:
