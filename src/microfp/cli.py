@@ -181,6 +181,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("microfp.train", "train_command"),
     "evaluate": ("microfp.evaluate", "evaluate_command"),
     "fingerprint": ("microfp.fingerprints", "fingerprint_command"),
+    "fingerprint-volume": ("microfp.volume_fingerprints", "fingerprint_volume_command"),
     "analyse": ("microfp.analysis", "analyse_command"),
     "simulate": ("microfp.simulate", "simulate_command"),
     "surrogate": ("microfp.surrogate", "surrogate_command"),

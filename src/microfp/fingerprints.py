@@ -234,8 +234,15 @@ def fingerprint(
     data: str | Path = DEFAULT_DATA,
     out: str | Path = "data/fingerprints",
     out_2pt: str | Path = "data/fingerprints_2pt",
+    ood_out: str | Path | None = None,
+    val_set: str = "val",
 ) -> dict[str, int]:
-    """Write the VAE and 2-point fingerprint tables of every set; returns VEs per set."""
+    """Write the VAE and 2-point fingerprint tables of every set; returns VEs per set.
+
+    With ``ood_out``, also the OOD calibration of the VAE (:mod:`microfp.ood`): fitted on the
+    fingerprints of ``evaluate.train_set``, calibrated on those of ``val_set`` (which must be among
+    the sets), with the crystal family, resolution and ve_size the model expects.
+    """
     t0 = time.time()
     ev = params.evaluate
     device = pick_device(ev.device)
@@ -244,6 +251,9 @@ def fingerprint(
     if ev.train_set not in sets:
         find_sets(data, [ev.train_set])  # one-line error naming the missing training shards
         sets = [ev.train_set] + sets
+    if ood_out is not None and val_set not in sets:
+        find_sets(data, [val_set])
+        sets = sets + [val_set]
     vae = load_model(checkpoint, params, device)
     k = params.latent_dim
 
@@ -265,6 +275,7 @@ def fingerprint(
     pca_for(_set_crystal(data / ev.train_set), ev.train_set)
 
     counts: dict[str, int] = {}
+    vae_z: dict[str, np.ndarray] = {}
     for name in sets:
         ids, zs, z2s, descs = [], [], [], []
         for batch in iter_set_batches(data / name, ev.batch_size, None, params.ve_size):
@@ -278,10 +289,28 @@ def fingerprint(
         write_table(make_table(name, ve_id, np.concatenate(zs), desc), out / f"{name}.parquet")
         write_table(make_table(name, ve_id, np.concatenate(z2s), desc), out_2pt / f"{name}.parquet")
         counts[name] = len(ve_id)
+        vae_z[name] = np.concatenate(zs)
         _say(f"{name}: {len(ve_id)} VEs")
+    if ood_out is not None:
+        write_ood(ood_out, vae_z, params, ev.train_set, val_set, _set_crystal(data / ev.train_set), checkpoint)
     _say(f"{sum(counts.values())} VEs of {len(counts)} sets in {time.time() - t0:.1f} s on {device}; "
          f"wrote {out}/ and {out_2pt}/")
     return counts
+
+
+def write_ood(path: str | Path, z: dict[str, np.ndarray], params: Params, train_set: str, val_set: str,
+              crystal: str, checkpoint: str | Path) -> None:
+    """Fit the OOD calibration on the ``train_set`` fingerprints, calibrate on ``val_set``; write it."""
+    from microfp import ood
+
+    cal = ood.fit(z[train_set], z[val_set], {
+        "crystal": crystal, "resolution": params.resolution, "ve_size": params.ve_size,
+        "latent_dim": params.latent_dim, "train_set": train_set, "val_set": val_set, "checkpoint": str(checkpoint),
+    })
+    ood.save(path, cal)
+    flagged = {name: float(cal.score(zs)["ood_flag"].mean()) for name, zs in z.items()}
+    _say(f"OOD calibration ({train_set} -> {val_set}, threshold {cal.threshold:.3g}) written to {path}; flagged: "
+         + ", ".join(f"{name} {share:.0%}" for name, share in flagged.items()))
 
 
 def fingerprint_command(
@@ -292,16 +321,20 @@ def fingerprint_command(
     out_2pt: Annotated[Path, typer.Option("--out-2pt", help="directory of the 2-point baseline tables")] = Path("data/fingerprints_2pt"),
     sets: Annotated[Optional[list[str]], typer.Option("--sets", help="sets to fingerprint (repeat) [default: evaluate.sets]")] = None,
     train_set: Annotated[Optional[str], typer.Option(help="set the 2-point PCA is fitted on [default: evaluate.train_set]")] = None,
+    ood_out: Annotated[Optional[Path], typer.Option(help="also write the VAE's OOD calibration JSON here (fitted on the train set)")] = None,
+    val_set: Annotated[str, typer.Option(help="set the OOD calibration is calibrated on (not trained on)")] = "val",
 ) -> None:
     """Fingerprint every VE of every set: the encoder's mu, and a 2-point-statistics baseline.
 
     Writes data/fingerprints/<set>.parquet (ve_id, set, z_0..z_{latent_dim-1}, esd_mean measured from
     the grain map, n_grains, texture, esd_target, crystal) and data/fingerprints_2pt/<set>.parquet with
     the same columns, where z_* are the symmetry-aware periodic 2-point autocorrelations of the
-    orientation field reduced by a PCA fitted on the train set to latent_dim components.
+    orientation field reduced by a PCA fitted on the train set to latent_dim components. With
+    --ood-out, also the out-of-distribution calibration of the VAE (models/vae_ood.json), which
+    `microfp fingerprint-volume` and `microfp predict` use.
     """
     p = load_params(params)
     overrides = {k: v for k, v in (("sets", sets), ("train_set", train_set)) if v}
     if overrides:  # e.g. the hexagonal VAE fingerprints only the hcp sets, its PCA fitted on hcp
         p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update=overrides)})
-    fingerprint(p, checkpoint=checkpoint, data=data, out=out, out_2pt=out_2pt)
+    fingerprint(p, checkpoint=checkpoint, data=data, out=out, out_2pt=out_2pt, ood_out=ood_out, val_set=val_set)
