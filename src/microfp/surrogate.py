@@ -418,6 +418,7 @@ class Predictor:
     vae: Any
     strains: np.ndarray
     crystal: str
+    ood: Any = None  # microfp.ood.OODCalibration of the VAE's fingerprints, when the checkpoint has one
 
     @classmethod
     def load(cls, checkpoint: Path, vae_checkpoint: Path | None = None) -> "Predictor":
@@ -431,8 +432,11 @@ class Predictor:
                 f"{vae_path}: latent_dim {vae.cfg.latent_dim}, but {checkpoint} takes fingerprints of size "
                 f"{net.net[0].in_features}"
             )
+        from microfp import ood
+
+        calibration = ood.from_dict(meta["ood"], f"{checkpoint} (embedded OOD calibration)") if meta.get("ood") else None
         return cls(net, norm, np.asarray(meta["x_mean"]), np.asarray(meta["x_std"]), vae,
-                   np.asarray(meta["strains"]), str(meta.get("crystal", "hexagonal")))
+                   np.asarray(meta["strains"]), str(meta.get("crystal", "hexagonal")), calibration)
 
     @torch.no_grad()
     def fingerprint(self, field: np.ndarray) -> np.ndarray:
@@ -448,6 +452,10 @@ class Predictor:
 
     def predict_file(self, path: Path, crystal: str | None = None) -> np.ndarray:
         """Predicted curves (N, 21) in Pa of every VE in a shard, Dream3D or DAMASK file."""
+        return self.curve_pa(self.fingerprint_file(path, crystal))
+
+    def fingerprint_file(self, path: Path, crystal: str | None = None) -> np.ndarray:
+        """Fingerprints (N, latent_dim) of every VE in a shard, Dream3D or DAMASK file."""
         from microfp.formats import read_ve_file
 
         ves = read_ve_file(path, crystal=crystal)
@@ -457,7 +465,7 @@ class Predictor:
                 "(the crystal-plasticity model is HCP Mg)"
             )
         field = np.stack([ves.orientation_field(i) for i in range(len(ves))])
-        return self.curve_pa(self.fingerprint(field))
+        return self.fingerprint(field)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +545,7 @@ def run(
             "strains": eps.tolist(),
             "train_ve_ids": ids[train_rows].tolist(),
             "test_ve_ids": ids[test_rows].tolist(),
+            "ood": _embedded_ood(vae_checkpoint),
         },
     )
     report["latency"] = latency_report(out, vae_checkpoint, ves / set_name, tables["vae"], curve_table, vae_net, ids)
@@ -547,6 +556,15 @@ def run(
     write_json(metrics, report)
     _log_mlflow(params, set_name, report, out)
     return report
+
+
+def _embedded_ood(vae_checkpoint: Path) -> dict[str, Any] | None:
+    """The VAE's OOD calibration (``models/vae_hcp_ood.json`` beside ``models/vae_hcp/``) for
+    ``microfp predict``; None when the fingerprint stage did not write one."""
+    from microfp import ood
+
+    path = ood.default_path(vae_checkpoint)
+    return ood.to_dict(ood.load(path)) if path.is_file() else None
 
 
 def _set_crystal(set_dir: Path) -> str:
@@ -640,9 +658,13 @@ def predict_command(
     """Predict the uniaxial stress-strain curve (sigma_xx in MPa at 21 strains) of a VE.
 
     Encodes the VE with the VAE (fingerprint = mu) and evaluates the surrogate; no simulation.
+    Also says, on stderr, how far each VE's fingerprint lies from the training VEs (percentile among
+    the validation VEs) and warns above the 99th: the curve of such a VE is an extrapolation.
     """
     predictor = Predictor.load(checkpoint, vae)
-    curves = predictor.predict_file(ve_file, crystal) / MPA
+    z = predictor.fingerprint_file(ve_file, crystal)
+    curves = predictor.curve_pa(z) / MPA
+    _report_ood(predictor, z, checkpoint)
     eps = predictor.strains
     table = pd.DataFrame({"strain": eps, **{f"ve_{i}_sigma_xx_mpa": c for i, c in enumerate(curves)}})
     if out is not None:
@@ -665,3 +687,18 @@ def predict_command(
         ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure(fig, plot)
+
+
+def _report_ood(predictor: Predictor, z: np.ndarray, checkpoint: Path) -> None:
+    """One stderr line per VE: OOD distance, percentile among validation VEs, and a warning when flagged."""
+    import sys
+
+    if predictor.ood is None:
+        print(f"microfp: note: {checkpoint} has no OOD calibration (rerun `dvc repro surrogate`); "
+              "no out-of-distribution check", file=sys.stderr)
+        return
+    scores = predictor.ood.score(z)
+    for i, (d, pct, flag) in enumerate(zip(scores["ood_distance"], scores["ood_percentile"], scores["ood_flag"])):
+        verdict = ("WARNING: outside the training distribution, the curve is an extrapolation" if flag
+                   else "within the training distribution")
+        print(f"VE {i}: OOD distance {d:.3g}, percentile {pct:.0f} of the validation VEs: {verdict}", file=sys.stderr)
