@@ -88,8 +88,14 @@ def fit(train_z: np.ndarray, val_z: np.ndarray, meta: dict[str, Any] | None = No
     cal.val_distances = dist
     cal.threshold = float(np.percentile(dist, FLAG_PERCENTILE))
     cal.meta.update(n_train=int(train_z.shape[0]), n_val=int(val_z.shape[0]), method="mahalanobis-ledoit-wolf",
-                    flag_percentile=FLAG_PERCENTILE)
+                    flag_percentile=FLAG_PERCENTILE, train_spread=spread(train_z))
     return cal
+
+
+def spread(z: np.ndarray) -> float:
+    """RMS Euclidean distance of fingerprints ``z`` (N, d) to their mean (fingerprint units)."""
+    z = np.asarray(z, dtype=np.float64)
+    return float(np.sqrt(((z - z.mean(axis=0)) ** 2).sum(axis=1).mean()))
 
 
 def to_dict(cal: OODCalibration) -> dict[str, Any]:

@@ -290,7 +290,7 @@ def fingerprint_volume(
         "shape": volume.shape, "spacing": np.asarray(volume.spacing).tolist(), "resampled": prep.grid.shape,
         "factor": prep.factor.tolist(), "resolution": resolution, "phase": prep.phase_name, "periodic": prep.periodic,
         "windows": len(origins), "fingerprinted": len(kept), "skipped": len(origins) - len(kept),
-        "spread": float(np.sqrt(((z - z.mean(0)) ** 2).sum(1).mean())),
+        "spread": ood.spread(z), "train_spread": float(meta.get("train_spread", float("nan"))),
         "median_percentile": float(np.median(scores["ood_percentile"])),
         "flagged": int(scores["ood_flag"].sum()), "seconds_read": t_read, "seconds": time.perf_counter() - t0,
     }
@@ -302,10 +302,11 @@ def describe(file: Path, out: Path, s: dict[str, Any]) -> list[str]:
     fmt = " x ".join
     return [
         f"{file}: {fmt(map(str, s['shape']))} voxels of {fmt(f'{v:g}' for v in s['spacing'])} -> "
-        f"{fmt(map(str, s['resampled']))} voxels of {s['resolution']:g} (factor {fmt(f'{v:.3g}' for v in s['factor'])}), "
+        f"{fmt(map(str, s['resampled']))} voxels of {s['resolution']:g} (resampling factor {fmt(f'{v:.3g}' for v in s['factor'])}: "
+        "file voxel / model voxel), "
         f"phase {s['phase']!r}, {'periodic' if s['periodic'] else 'not periodic'}",
         f"windows: {s['fingerprinted']} fingerprinted of {s['windows']} ({s['skipped']} skipped: too little of the phase)",
-        f"fingerprint spread (RMS distance to the windows' mean): {s['spread']:.3g}",
+        f"fingerprint spread (RMS distance to the windows' mean): {s['spread']:.3g} (training VEs: {s['train_spread']:.3g})",
         f"out of distribution: {s['flagged']} of {s['fingerprinted']} windows ({s['flagged'] / s['fingerprinted']:.0%}) above "
         f"the 99th percentile of the validation VEs; median percentile {s['median_percentile']:.0f}",
         f"wrote {out} in {s['seconds']:.1f} s",
@@ -316,12 +317,12 @@ def fingerprint_volume_command(
     file: Annotated[Path, typer.Argument(help="A volume: Dream3D (.dream3d, SIMPL 7 or DREAM3D-NX 8) or DAMASK grid (.vti).")],
     out: Annotated[Path, typer.Option(help="Parquet table to write, one row per window.")],
     checkpoint: Annotated[Path, typer.Option(help="Trained VAE checkpoint.")] = Path("models/vae/best.ckpt"),
-    ood_file: Annotated[Optional[Path], typer.Option("--ood", help="OOD calibration of the VAE [default: models/vae_ood.json for models/vae/best.ckpt].")] = None,
-    stride: Annotated[Optional[int], typer.Option(help="Voxels between window origins [default: ve_size, no overlap].")] = None,
-    phase: Annotated[Optional[str], typer.Option(help="Phase to fingerprint, by name or number [default: the only phase].")] = None,
+    ood_file: Annotated[Optional[Path], typer.Option("--ood", help="OOD calibration of the VAE (default: models/vae_ood.json for models/vae/best.ckpt, written by the fingerprint stage).")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Voxels between window origins (default: ve_size, no overlap).")] = None,
+    phase: Annotated[Optional[str], typer.Option(help="Phase to fingerprint, by name or number (default: the only phase).")] = None,
     min_phase_fraction: Annotated[float, typer.Option(help="Skip windows with less of the phase than this.")] = 0.9,
-    periodic: Annotated[Optional[bool], typer.Option("--periodic/--not-periodic", help="Whether windows may wrap around [default: DAMASK yes, Dream3D no].")] = None,
-    material: Annotated[Optional[Path], typer.Option(help="material.yaml of a DAMASK grid [default: next to the .vti].")] = None,
+    periodic: Annotated[Optional[bool], typer.Option("--periodic/--not-periodic", help="Whether windows may wrap around (default: DAMASK grids yes, Dream3D files no).")] = None,
+    material: Annotated[Optional[Path], typer.Option(help="material.yaml of a DAMASK grid (default: the one next to the .vti).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per encoder batch.")] = 8,
 ) -> None:
     """Fingerprint a real microstructure of any shape, resolution and number of phases.
