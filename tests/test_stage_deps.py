@@ -29,6 +29,7 @@ def test_the_check_sees_function_level_imports_and_a_removed_dep(tmp_path):
     that dep is reported, by stage and module."""
     assert "microfp.datasets" in stage_deps.command_modules("generate")
     stripped = tmp_path / "dvc.yaml"
-    stripped.write_text((ROOT / "dvc.yaml").read_text().replace("- src/microfp/datasets.py\n", ""))
+    lines = (ROOT / "dvc.yaml").read_text().splitlines(keepends=True)
+    stripped.write_text("".join(line for line in lines if line.strip() != "- src/microfp/datasets.py"))
     assert stage_deps.missing_modules("generate", stripped) == {"microfp.datasets"}
     assert "microfp.datasets" in stage_deps.missing_modules("datasets-summary", stripped)
