@@ -191,6 +191,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("microfp.surrogate", "predict_command"),
     "release": ("microfp.release", "release_command"),
     "pull": ("microfp.release", "pull_command"),
+    "report": ("microfp.report", "report_command"),
 }
 
 
