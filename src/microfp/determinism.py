@@ -29,6 +29,7 @@ only, and never matches a CPU run to the bit.
 from __future__ import annotations
 
 import os
+import platform
 import random
 
 # Environment read by the math libraries when they are loaded (see module docstring, point 1).
@@ -47,6 +48,8 @@ def pin_cpu_kernels(environ: dict[str, str] | None = None) -> dict[str, str]:
     Returns the variables that were set by this call.
     """
     env = os.environ if environ is None else environ
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return {}  # the pinned kernels are x86-64 ones; other CPUs have one code path each
     added = {k: v for k, v in PINNED_ENV.items() if k not in env}
     env.update(added)
     return added

@@ -1,6 +1,7 @@
 """One-screen result of a pipeline run, beside the paper and the baselines (``report`` stage).
 
-    metrics/*.json -> report.md   (a DVC output; git keeps it, so a pull request shows it)
+    metrics/*.json -> report.md            (a DVC output; git keeps it, so a pull request shows it)
+                   -> metrics/summary.json  (the headline numbers: the one file dvc.yaml declares as metrics)
 
 Every model number stands beside the paper's number and the level a model reaches without
 learning anything from its input: for reconstructions the set's mean field (the best constant
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
 from microfp import runlog
-from microfp.atomic import write_text
+from microfp.atomic import write_json, write_text
 from microfp.config import Params, load_params
 from microfp.errors import MicrofpError
 
@@ -179,6 +180,55 @@ def cost_section(params: Params, train: dict[str, dict[str, Any]], datasets: dic
     return lines
 
 
+TEXTURES = ("brass", "copper", "cube", "goss")
+
+
+def _pick(d: dict[str, Any], *keys: str) -> dict[str, float]:
+    """The numeric ``keys`` of ``d`` that are present."""
+    return {k: float(d[k]) for k in keys if isinstance(d.get(k), (int, float))}
+
+
+def headline_metrics(metrics_dir: Path) -> dict[str, Any]:
+    """The few dozen numbers `dvc metrics diff` and `dvc exp show` compare (``metrics/summary.json``).
+
+    Per-set, per-increment and per-VE detail stays in the stage files (metrics/reconstruction.json,
+    ...), which are plain outputs: `dvc metrics show metrics/reconstruction.json` still shows them.
+    """
+    rec = _read(metrics_dir / "reconstruction.json")
+    out: dict[str, Any] = {}
+    recon = {name: _pick(rec[name], "phi4_mean", "disorientation_deg_mean", "mean_field_disorientation_deg_mean")
+             for name in ("val", "large", "small", "elongated", *TEXTURES) if isinstance(rec.get(name), dict)}
+    textured = [recon[t]["disorientation_deg_mean"] for t in TEXTURES if "disorientation_deg_mean" in recon.get(t, {})]
+    if len(textured) == len(TEXTURES):
+        recon["textured_disorientation_deg_mean"] = sum(textured) / len(textured)
+    if recon:
+        out["reconstruction"] = recon
+    lat = _read(metrics_dir / "latent.json")
+    latent = {m: _pick(lat[m], "n_components_90", "texture_accuracy", "morphology_accuracy",
+                       "morphology_large_elongated_accuracy")
+              for m in ("vae", "twopoint") if isinstance(lat.get(m), dict)}
+    if latent:
+        out["latent"] = latent
+    sur = _read(metrics_dir / "surrogate.json")
+    surrogate = {k: _pick(sur[k], "test_mae_mpa", "test_mae_mpa_std")
+                 for k in ("vae", "twopoint", "texture", "constant") if isinstance(sur.get(k), dict)}
+    for k, m in surrogate.items():
+        interval = sur[k].get("mae_diff_to_texture_ci95")
+        if isinstance(interval, (list, tuple)) and len(interval) == 2:
+            m["mae_diff_to_texture_ci95_low"], m["mae_diff_to_texture_ci95_high"] = map(float, interval)
+    if surrogate:
+        out["surrogate"] = surrogate
+    sims = {p.stem: _pick(_read(p), "converged_fraction", "final_stress_mpa_mean", "final_stress_mpa_std")
+            for p in sorted((metrics_dir / "simulate").glob("*.json"))}
+    if sims:
+        out["simulate"] = sims
+    train = {name: _pick(_read(metrics_dir / f"{name}.json"), "val_loss_best", "val_recon")
+             for name in ("train", "train_hcp")}
+    if any(train.values()):
+        out["train"] = train
+    return out
+
+
 def build_report(params: Params, metrics_dir: Path) -> str:
     """The Markdown report of the metrics under ``metrics_dir``."""
     sims = {p.stem: _read(p) for p in sorted((metrics_dir / "simulate").glob("*.json"))}
@@ -216,9 +266,11 @@ def report_command(
     params: Annotated[Path, typer.Option("--params", "-p", help="parameter file (params.yaml or configs/paper.yaml)")] = Path("params.yaml"),
     metrics: Annotated[Path, typer.Option(help="directory of the metrics JSON files the stages wrote")] = Path("metrics"),
     out: Annotated[Path, typer.Option(help="the Markdown report to write")] = Path("report.md"),
+    summary: Annotated[Optional[Path], typer.Option(help="headline metrics JSON (the file dvc.yaml declares as metrics)")] = None,
     show: Annotated[bool, typer.Option("--show", help="print the existing report and the run's wall-clock times; write nothing")] = False,
 ) -> None:
-    """Write report.md, the run's result on one screen, and print it.
+    """Write report.md, the run's result on one screen, and print it (and with --summary the
+    headline metrics that `dvc metrics diff` and `dvc exp show` compare).
 
     Reconstruction phi4 and disorientation per set (paper Tables 4-6), components for 90% of the
     fingerprint variance and clustering accuracies, surrogate errors per fingerprint, CP convergence
@@ -234,5 +286,7 @@ def report_command(
         typer.echo(text + "\n" + run_costs())
         return
     text = build_report(load_params(params), metrics)
+    if summary is not None:
+        write_json(summary, headline_metrics(metrics))
     write_text(out, text)
     typer.echo(text)
