@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install microfp and run the whole DVC pipeline (`dvc repro`) of params.yaml.
+# Install microfp, run the whole DVC pipeline (`dvc repro`) of params.yaml, print report.md.
 # Usage: bash scripts/pipeline.sh                          # default small profile
 #        bash scripts/pipeline.sh --params configs/paper.yaml  # paper scale (copies it to params.yaml)
 #        bash scripts/pipeline.sh -- [dvc repro args]     # e.g. -- generate@train
@@ -14,4 +14,5 @@ if [ "${1:-}" = "--params" ]; then
 fi
 [ "${1:-}" = "--" ] && shift
 dvc repro "$@"
-dvc metrics show
+# The result on one screen (report.md) and what each stage cost here; `dvc metrics show` has the rest.
+microfp report --show

@@ -67,8 +67,9 @@ def test_repro_builds_every_output(project):
                  "data/fingerprints/train.parquet", "data/fingerprints_2pt/cube.parquet",
                  "data/fingerprints_hcp/hcp.parquet", "data/curves/hcp.parquet", "plots/latent/interpolation.png"):
         assert (root / path).is_file(), path
-    for name in ("train", "reconstruction", "latent", "surrogate", "datasets"):
+    for name in ("train", "reconstruction", "latent", "surrogate", "datasets", "summary"):
         json.loads((root / "metrics" / f"{name}.json").read_text())
+    assert (root / "report.md").read_text().startswith("# microfp report")
     assert "Data and pipelines are up to date" in run_tool("dvc", "status", cwd=root).stdout
 
 
@@ -79,11 +80,15 @@ def test_experiment_metrics_diff_plots_and_mlflow(project, browser, tmp_path):  
     # `dvc metrics diff` compares phi4 and the surrogate's errors of the baseline and the experiment
     diff = json.loads(run_tool("dvc", "metrics", "diff", "HEAD", "--json", cwd=root).stdout)
     keys = {f"{path}:{key}" for path, metrics in diff.items() for key in metrics}
-    assert "metrics/reconstruction.json:val.phi4_mean" in keys
-    assert "metrics/surrogate.json:vae.test_mae_mpa" in keys
-    assert "metrics/surrogate.json:twopoint.test_mae_mpa" in keys
+    assert "metrics/summary.json:reconstruction.val.phi4_mean" in keys
+    assert "metrics/summary.json:surrogate.vae.test_mae_mpa" in keys
+    assert "metrics/summary.json:surrogate.twopoint.test_mae_mpa" in keys
+    assert len(keys) <= 60, f"{len(keys)} headline metrics: too many for a terminal"
     shown = json.loads(run_tool("dvc", "exp", "show", "--json", cwd=root).stdout)
     assert "latent12" in json.dumps(shown)
+    # the detail files are still there for `dvc metrics show FILE`
+    detail = run_tool("dvc", "metrics", "show", "metrics/reconstruction.json", "--json", cwd=root).stdout
+    assert "phi4_mean" in detail
 
     # a typo in a -S key never reaches the stages
     typo = run_tool("dvc", "exp", "run", "-S", "+latnt_dim=8", cwd=root, env=env, check=False)

@@ -8,13 +8,17 @@ with a one-line ``microfp: error: ...`` on stderr and exit code 2, never a trace
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import time
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from microfp import runlog
 from microfp.errors import MicrofpError
 
 app = typer.Typer(
@@ -188,6 +192,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("microfp.surrogate", "predict_command"),
     "release": ("microfp.release", "release_command"),
     "pull": ("microfp.release", "pull_command"),
+    "report": ("microfp.report", "report_command"),
 }
 
 
@@ -198,12 +203,28 @@ def _register_lazy_commands(argv: list[str]) -> None:
             app.command(name)(getattr(importlib.import_module(module), function))
 
 
+# Deprecation notices of the libraries (torch, Lightning, pandas, ...) are for their developers, not
+# for a user reading a stage log; the test suite still sees them.
+QUIET_CATEGORIES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def quiet_third_party_warnings() -> None:
+    """Silence deprecation warnings in this process and in the processes it starts (Dask workers)."""
+    for category in QUIET_CATEGORIES:
+        warnings.simplefilter("ignore", category)
+    os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore::{c.__name__}" for c in QUIET_CATEGORIES))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; print bad input as one line and return exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
+    quiet_third_party_warnings()
     _register_lazy_commands(argv)
+    started = time.perf_counter()
     try:
         app(args=argv, standalone_mode=False, prog_name="microfp")
+        if argv and not {"--help", "-h"} & set(argv):
+            runlog.record(" ".join(argv), time.perf_counter() - started)
     except typer.Exit as err:
         return err.exit_code
     except (typer.Abort, KeyboardInterrupt):
