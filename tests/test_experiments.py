@@ -44,21 +44,31 @@ def stage_names() -> tuple[str, ...]:
     return tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """The tiny project after `dvc repro`, committed, with its own MLflow store."""
-    base = tmp_path_factory.mktemp("experiments")
-    project = make_stage_project(base / "project", SETS, stages=stage_names())
+def build_project(where: Path, env: dict[str, str]) -> Path:
+    """The whole pipeline with the tiny PARAMS in ``where``, after `dvc repro`, committed."""
+    project = make_stage_project(where, SETS, stages=stage_names())
     raw = yaml.safe_load((project / "params.yaml").read_text())
     repo = yaml.safe_load((ROOT / "params.yaml").read_text())
     # every key a stage lists must be in params.yaml: the repository's blocks, shrunk
     raw.update({block: {**repo.get(block, {}), **values} for block, values in PARAMS.items()})
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
     run_tool("dvc", "repro", cwd=project, env=env, timeout=900)
     run_tool("git", "add", "-A", cwd=project)
     run_tool("git", "commit", "-qm", "baseline", cwd=project)
-    return project, env, base
+    return project
+
+
+def committed_lock(project: Path) -> dict:
+    """The dvc.lock of the project's last commit."""
+    return yaml.safe_load(run_tool("git", "show", "HEAD:dvc.lock", cwd=project).stdout)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """The tiny project after `dvc repro`, committed, with its own MLflow store."""
+    base = tmp_path_factory.mktemp("experiments")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
+    return build_project(base / "project", env), env, base
 
 
 def test_repro_builds_every_output(project):
@@ -71,6 +81,23 @@ def test_repro_builds_every_output(project):
         json.loads((root / "metrics" / f"{name}.json").read_text())
     assert (root / "report.md").read_text().startswith("# microfp report")
     assert "Data and pipelines are up to date" in run_tool("dvc", "status", cwd=root).stdout
+
+
+def test_repro_in_another_directory_reproduces_every_output_to_the_bit(project, tmp_path):
+    """Same commit, same machine: `dvc repro` elsewhere gives a dvc.lock identical to the first one
+    (every dataset, checkpoint, fingerprint table, curve, metric, plot and report.md)."""
+    root, _, base = project
+    second = build_project(tmp_path / "second", {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    first_lock, second_lock = committed_lock(root), committed_lock(second)
+    assert set(first_lock["stages"]) == set(second_lock["stages"]) >= {"train", "simulate@hcp", "surrogate", "report"}
+    differ = [
+        f"{stage}: {out['path']}"
+        for stage, body in first_lock["stages"].items()
+        for out, again in zip(body.get("outs", []), second_lock["stages"][stage].get("outs", []))
+        if out != again
+    ]
+    assert not differ, "not reproduced: " + ", ".join(differ)
+    assert first_lock == second_lock
 
 
 def test_experiment_metrics_diff_plots_and_mlflow(project, browser, tmp_path):  # noqa: F811 - fixture

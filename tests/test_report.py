@@ -26,11 +26,12 @@ def _metrics(root):
     _write(root / "latent.json", {"vae": {"n_components_90": 12, "texture_accuracy": 0.984, "texture_chance": 0.27},
                                   "twopoint": {"n_components_90": 33, "texture_accuracy": 1.0, "texture_chance": 0.27}})
     _write(root / "surrogate.json", {"vae": {"test_mae_mpa": 1.71, "test_mae_mpa_std": 0.9, "test_r2": 0.8,
-                                             "mae_diff_to_texture_ci95": [-0.31, 0.05]},
+                                             "vs_texture": {"mae_diff_mpa": -0.12, "mae_diff_ci95_lo": -0.31,
+                                                                            "mae_diff_ci95_hi": 0.05}},
                                      "constant": {"test_mae_mpa": 3.2, "test_mae_mpa_std": 2.0},
                                      "data": {"n_test": 52}})
-    _write(root / "simulate" / "hcp.json", {"n_ves": 256, "n_converged": 255, "final_stress_mpa_mean": 85.31,
-                                            "final_stress_mpa_std": 3.8})
+    _write(root / "simulate" / "hcp.json", {"n_converged": 255, "converged_fraction": 0.99609375,
+                                            "final_stress_mpa_mean": 85.31, "final_stress_mpa_std": 3.8})
     _write(root / "train.json", {"epochs": 10, "global_step": 320})
 
 
@@ -43,10 +44,23 @@ def test_report_puts_each_number_beside_paper_and_baseline(tmp_path):
     assert "| brass | 0.020 ± 0.001 | 0.044 ± 0.003 | 9.5 | – | – |" in text
     assert "| components for 90% variance | 12 | 33 |" in text
     assert "98.4%" in text and "96.5%" in text
-    assert "1.71 ± 0.90" in text and "[-0.31, +0.05]" in text and "constant (mean curve)" in text
-    assert "255 / 256" in text and "85.3 ± 3.8" in text
+    assert "1.71 ± 0.90" in text and "-0.12 [-0.31, +0.05]" in text and "constant (mean curve)" in text
+    assert "255 (99.6%)" in text and "85.3 ± 3.8" in text
     assert "320 optimizer steps" in text
     assert len(text.splitlines()) < 60  # one screen
+
+
+def test_headline_metrics_are_few_and_flat(tmp_path):
+    from microfp.report import headline_metrics
+    from microfp.tracking import flatten
+
+    _metrics(tmp_path)
+    flat = flatten(headline_metrics(tmp_path))
+    assert flat["reconstruction.val.mean_field_disorientation_deg_mean"] == 40.7
+    assert flat["surrogate.vae.vs_texture_mae_diff_ci95_lo"] == -0.31
+    assert flat["simulate.hcp.final_stress_mpa_mean"] == 85.31
+    assert flat["latent.vae.n_components_90"] == 12
+    assert len(flat) < 60
 
 
 def test_report_without_metrics_is_short_and_report_show_prints_run_costs(tmp_path):

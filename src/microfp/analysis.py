@@ -52,7 +52,6 @@ __all__ = [
     "analyse_command",
     "chance_accuracy",
     "cluster_problem",
-    "confusion_matrix",
     "fit_pca",
     "interpolate",
     "matched_accuracy",
@@ -70,15 +69,6 @@ def _say(msg: str) -> None:
 # Clustering and its scoring
 
 
-def confusion_matrix(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``C[i, j]`` = number of samples of true class ``classes[i]`` put in cluster ``clusters[j]``."""
-    classes, t = np.unique(np.asarray(true), return_inverse=True)
-    clusters, p = np.unique(np.asarray(pred), return_inverse=True)
-    c = np.zeros((len(classes), len(clusters)), dtype=np.int64)
-    np.add.at(c, (t, p), 1)
-    return c, classes, clusters
-
-
 def matched_accuracy(true: np.ndarray, pred: np.ndarray) -> tuple[float, dict[Any, float]]:
     """Accuracy of cluster labels ``pred`` against classes ``true`` under the one-to-one matching of
     clusters to classes that maximises it (Hungarian algorithm, ``linear_sum_assignment``).
@@ -87,11 +77,13 @@ def matched_accuracy(true: np.ndarray, pred: np.ndarray) -> tuple[float, dict[An
     count as wrong). Returns (accuracy, recall per true class).
     """
     from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics.cluster import contingency_matrix
 
     true, pred = np.asarray(true), np.asarray(pred)
     if true.shape != pred.shape or true.ndim != 1 or len(true) == 0:
         raise MicrofpError(f"labels must be two non-empty 1-D arrays of equal length, got {true.shape} and {pred.shape}")
-    c, classes, _ = confusion_matrix(true, pred)
+    c = contingency_matrix(true, pred)  # C[i, j]: samples of class classes[i] in cluster j (sorted labels)
+    classes = np.unique(true)
     rows, cols = linear_sum_assignment(c, maximize=True)
     hits = np.zeros(len(classes))
     hits[rows] = c[rows, cols]

@@ -55,13 +55,13 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
+from microfp.atomic import atomic_path
 from microfp.errors import MicrofpError
 from microfp.shards import (
     CRYSTAL_FAMILIES,
     EULER_SCALE,
     ShardError,
     VESet,
-    atomic_path,
     read_shard,
     validate,
 )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from microfp.atomic import atomic_path
+from microfp.atomic import atomic_output
 from microfp.errors import MicrofpError
 
 FORMAT_VERSION = 1
@@ -146,9 +145,7 @@ def write_shard(path: str | Path, ves: VESet) -> None:
     """Validate and write ``ves`` to ``path`` atomically (temp file, then rename)."""
     path = Path(path)
     validate(ves, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
+    with atomic_output(path) as tmp:
         # track_order/track_times off and fixed chunking: byte-identical output for equal input.
         with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f:
             n = ves.ve_size
@@ -164,9 +161,6 @@ def write_shard(path: str | Path, ves: VESet) -> None:
             f.attrs["resolution"] = float(ves.resolution)
             for key, value in sorted(ves.attrs.items()):
                 f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
