@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +48,9 @@ SOLVER_VERSION = "galerkin-newton-cg-v2"  # v2: fully implicit voxel update (sam
 """Change when the results of the spectral solver change (part of the resume key)."""
 
 BACKENDS = ("spectral", "damask")
+WALL_KEY = "_wall_s"
+"""Key of a task record's wall time: logged (and sent to MLflow), never written to a part or the curves,
+so that the stage's outputs are the same on every machine (bit-reproducible ``dvc repro``)."""
 
 
 class SimulateError(MicrofpError):
@@ -209,7 +213,7 @@ def run_spectral(jobs: list[dict[str, Any]], sp_dict: dict[str, Any]) -> list[di
                 for _ in group
             ]
         for job, res in zip(group, results):
-            records.append(_record(job, res, "spectral", len(group)))
+            records.append(_record(job, res, "spectral", len(group)) | {WALL_KEY: float(res.wall_s)})
     return records
 
 
@@ -225,7 +229,6 @@ def _record(job: dict[str, Any], res: Any, backend: str, batch: int) -> dict[str
         "cg_iterations": int(res.cg_iterations),
         "cutbacks": int(res.cutbacks),
         "max_residual": float(res.max_residual),
-        "wall_s": float(res.wall_s),
         "batch": int(batch),
         "strain": [float(x) for x in res.strain],
         "sigma_xx_pa": [None if not np.isfinite(x) else float(x) for x in res.stress_xx],
@@ -271,6 +274,8 @@ def simulate_set(
     _clean_parts(parts_dir, {j["part"].name for j in jobs})
     todo = [j for j in jobs if _read_part(j["part"]) is None]
     errors: list[str] = []
+    walls: list[float] = []
+    start = time.perf_counter()
     if todo:
         if sp.backend == "damask":
             damask_dir = damask_dir or out.with_suffix(".damask")
@@ -281,31 +286,58 @@ def simulate_set(
             batches = [todo[i : i + sp.batch_size] for i in range(0, len(todo), sp.batch_size)]
             task, task_args = run_spectral, (sp.model_dump(),)
         written = 0
+        lines = progress and not sys.stderr.isatty()  # a log (dvc repro, CI): one line per finished VE
 
         def on_done(batch: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
             nonlocal written
             for job, rec in zip(batch, records):
+                walls.append(float(rec.pop(WALL_KEY, float("nan"))))
                 rec.update({"set": set_name, "key": job["key"], "digest": job["digest"]})
                 write_text(job["part"], json.dumps(rec, sort_keys=True) + "\n")
                 written += 1
                 advance()
+                if lines:
+                    print(progress_line(set_name, rec, written, len(todo), time.perf_counter() - start),
+                          file=sys.stderr, flush=True)
                 if stop_after is not None and written >= stop_after:
                     raise RuntimeError(f"injected failure after {written} VEs")
 
         from microfp.datasets import ProgressBar
 
-        with ProgressBar(progress, f"simulate {set_name} ({sp.backend})", len(todo)) as advance:
+        with ProgressBar(progress and not lines, f"simulate {set_name} ({sp.backend})", len(todo)) as advance:
             errors = _fan_out(batches, task, task_args, on_done, scheduler, sp)
     summary = merge_parts(jobs, out, config, set_name)
     if plot is not None or plot_csv is not None:
         plot_curves(out, plot, plot_csv, set_name)
     if metrics is not None:
         write_json(metrics, summary)
+    summary = summary | {"timing": timing(walls, time.perf_counter() - start, sp, len(todo))}
     if errors:
         raise SimulateError(
             f"{len(errors)} task(s) failed ({errors[0]}); finished VEs were kept in {parts_dir}, rerun to retry the rest"
         )
     return summary
+
+
+def progress_line(set_name: str, rec: dict[str, Any], done: int, total: int, elapsed_s: float) -> str:
+    """One log line for a finished VE: its final sigma_xx (or why it failed), count and elapsed time."""
+    final = rec["sigma_xx_pa"][-1]
+    what = f"sigma_xx {final / 1e6:.1f} MPa" if rec["converged"] and final is not None else f"failed: {rec['reason']}"
+    return f"simulate {set_name}: VE {rec['ve_index']} {what} ({done}/{total}, {elapsed_s:.0f} s)"
+
+
+def timing(walls: list[float], elapsed_s: float, sp: SimulateParams, n_new: int) -> dict[str, float]:
+    """Wall-clock facts of this run (for the log and MLflow, never for DVC-tracked files): the stage's
+    wall seconds, its seconds per newly simulated VE, and the solver's own seconds per VE."""
+    solver = [w for w in walls if np.isfinite(w)]
+    return {
+        "n_simulated_now": float(n_new),
+        "stage_wall_s": float(elapsed_s),
+        "stage_s_per_ve": float(elapsed_s / n_new) if n_new else float("nan"),
+        "solver_s_per_ve": float(np.mean(solver)) if solver else float("nan"),
+        "batch_size": float(sp.batch_size),
+        "threads_per_worker": float(sp.threads_per_worker),
+    }
 
 
 def _fan_out(
@@ -414,14 +446,14 @@ def merge_parts(jobs: list[dict[str, Any]], out: Path, config: dict[str, Any], s
         strain = rec["strain"]
         pa_vals = np.array([np.nan if v is None else v for v in rec["sigma_xx_pa"]], dtype=np.float64)
         row = {k: rec[k] for k in ("ve_index", "n_grains", "ve_size", "backend", "converged", "reason",
-                                   "newton_iterations", "cg_iterations", "cutbacks", "max_residual", "wall_s")}
+                                   "newton_iterations", "cg_iterations", "cutbacks", "max_residual")}
         row["set"] = set_name
         row.update(dict(zip(curve_columns(len(pa_vals), "pa"), pa_vals)))
         row.update(dict(zip(curve_columns(len(pa_vals), "mpa"), pa_vals / 1e6)))
         rows.append(row)
     n_points = config["increments"] + 1
     columns = ["set", "ve_index", "converged", "reason", "backend", "n_grains", "ve_size", "newton_iterations",
-               "cg_iterations", "cutbacks", "max_residual", "wall_s"] + curve_columns(n_points, "pa") + curve_columns(n_points, "mpa")
+               "cg_iterations", "cutbacks", "max_residual"] + curve_columns(n_points, "pa") + curve_columns(n_points, "mpa")
     df = pd.DataFrame(rows, columns=columns).sort_values("ve_index").reset_index(drop=True)
     if strain is None:
         strain = list(np.linspace(0, config["strain"], n_points))
@@ -433,17 +465,12 @@ def merge_parts(jobs: list[dict[str, Any]], out: Path, config: dict[str, Any], s
         pq.write_table(table, tmp)
     conv = df[df["converged"]]
     mpa = conv[curve_columns(n_points, "mpa")].to_numpy()
+    # headline numbers only (DVC metrics); per-VE detail is in the parquet and the plots
     summary = {
-        "set": set_name,
-        "backend": config["backend"],
-        "n_ves": int(len(jobs)),
-        "n_done": int(len(df)),
         "n_converged": int(len(conv)),
         "converged_fraction": float(len(conv) / len(jobs)) if jobs else 0.0,
-        "wall_s_per_ve": float(df["wall_s"].mean()) if len(df) else float("nan"),
         "final_stress_mpa_mean": float(mpa[:, -1].mean()) if len(mpa) else float("nan"),
         "final_stress_mpa_std": float(mpa[:, -1].std()) if len(mpa) else float("nan"),
-        "max_residual": float(conv["max_residual"].max()) if len(conv) else float("nan"),
     }
     return summary
 
@@ -655,7 +682,7 @@ def run_damask(jobs: list[dict[str, Any]], sp_dict: dict[str, Any], damask_dir: 
         res.wall_s = time.perf_counter() - start
         if not res.converged:
             res.stress_xx[:] = np.nan
-        records.append(_record(job, res, "damask", 1))
+        records.append(_record(job, res, "damask", 1) | {WALL_KEY: float(res.wall_s)})
     return records
 
 
@@ -714,8 +741,23 @@ def simulate_command(
         scheduler=scheduler,
         progress=progress,
     )
+    t = summary["timing"]
     typer.echo(
-        f"{set_name}: {summary['n_converged']} of {summary['n_ves']} VEs converged ({summary['backend']}), "
+        f"{set_name}: {summary['n_converged']} of {p.simulate.max_ves} VEs converged ({p.simulate.backend}), "
         f"sigma_xx at {p.simulate.strain:g} strain {summary['final_stress_mpa_mean']:.1f} +- "
         f"{summary['final_stress_mpa_std']:.1f} MPa; {out}"
     )
+    if t["n_simulated_now"]:
+        typer.echo(f"{set_name}: {t['n_simulated_now']:.0f} VEs simulated in {t['stage_wall_s']:.0f} s, "
+                   f"{t['stage_s_per_ve']:.2f} s/VE (solver {t['solver_s_per_ve']:.2f} s/VE per worker)", err=True)
+        _log_mlflow(p, set_name, summary)
+
+
+def _log_mlflow(params: Params, set_name: str, summary: dict[str, Any]) -> None:
+    """The run's headline metrics and its timings (which stay out of the DVC-tracked files) to MLflow."""
+    from microfp.tracking import log_finished_run
+
+    try:
+        log_finished_run("microfp-simulate", "simulate", {"set": set_name, **params.simulate.model_dump()}, summary)
+    except Exception as err:  # noqa: BLE001 - tracking is a convenience, never a reason to fail the stage
+        typer.echo(f"simulate: MLflow logging failed ({type(err).__name__}: {str(err)[:120]})", err=True)
