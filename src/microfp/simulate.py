@@ -44,8 +44,11 @@ from microfp.config import Params, SimulateParams, load_params
 from microfp.errors import MicrofpError
 from microfp.volumes import relabel_contiguous
 
-SOLVER_VERSION = "galerkin-newton-cg-v2"  # v2: fully implicit voxel update (same curves within tolerance)
+SOLVER_VERSION = "galerkin-newton-cg-v3"  # v3: twin hardening by slip as DAMASK v3.0.2 (h_0^tw-sl x accumulated slip)
 """Change when the results of the spectral solver change (part of the resume key)."""
+
+DAMASK_VERSION = "DAMASK_grid v3.0.2, zero mean shear stress"
+"""The damask backend's part of the resume key (its load case changed: shear stresses, not strains, held)."""
 
 BACKENDS = ("spectral", "damask")
 WALL_KEY = "_wall_s"
@@ -67,7 +70,7 @@ def sim_config(sp: SimulateParams) -> dict[str, Any]:
 
     return {
         "backend": sp.backend,
-        "solver": SOLVER_VERSION if sp.backend == "spectral" else "DAMASK_grid",
+        "solver": SOLVER_VERSION if sp.backend == "spectral" else DAMASK_VERSION,
         "strain": sp.strain,
         "strain_rate": sp.strain_rate,
         "increments": sp.increments,
@@ -583,19 +586,28 @@ def damask_phase(twinning: bool = True) -> dict[str, Any]:
     }
 
 
-def damask_load(sp: SimulateParams) -> dict[str, Any]:
-    """Load case: dot_F_xx prescribed, P = 0 in the other normal components, no rotation (DAMASK's tensionX)."""
+def damask_load(sp: SimulateParams, shear: str = "stress") -> dict[str, Any]:
+    """Load case of uniaxial tension along x: dot_F_xx prescribed, P_yy = P_zz = 0, no rotation.
+
+    ``shear="stress"`` (default): the spectral backend's (and the paper's) load, zero mean shear
+    stresses: P_xy = P_xz = P_yz = 0 with the lower off-diagonal rates dot_F_yx = dot_F_zx = dot_F_zy = 0
+    (which suppress the rigid rotation; then the Cauchy shear stresses are exactly zero as well).
+    ``shear="strain"``: DAMASK's usual tensionX, all off-diagonal rates zero (shear strains held).
+    """
     x = "x"
+    if shear == "stress":
+        dot_F = [[sp.strain_rate, x, x], [0, x, x], [0, 0, x]]
+        P = [[x, 0, 0], [x, 0, 0], [x, x, 0]]
+    elif shear == "strain":
+        dot_F = [[sp.strain_rate, 0, 0], [0, x, 0], [0, 0, x]]
+        P = [[x, x, x], [x, 0, x], [x, x, 0]]
+    else:
+        raise SimulateError(f"shear must be 'stress' or 'strain', got {shear!r}")
     return {
         "solver": {"mechanical": "spectral_basic"},
         "loadstep": [
             {
-                "boundary_conditions": {
-                    "mechanical": {
-                        "dot_F": [[sp.strain_rate, 0, 0], [0, x, 0], [0, 0, x]],
-                        "P": [[x, x, x], [x, 0, x], [x, x, 0]],
-                    }
-                },
+                "boundary_conditions": {"mechanical": {"dot_F": dot_F, "P": P}},
                 "discretization": {"t": sp.strain / sp.strain_rate, "N": sp.increments},
                 "f_out": 1,
             }
@@ -603,7 +615,7 @@ def damask_load(sp: SimulateParams) -> dict[str, Any]:
     }
 
 
-def write_damask_job(job_dir: Path, job: dict[str, Any], sp: SimulateParams) -> dict[str, Path]:
+def write_damask_job(job_dir: Path, job: dict[str, Any], sp: SimulateParams, shear: str = "stress") -> dict[str, Path]:
     """Write ``grid.vti``, ``material.yaml`` (phase Mg) and ``load.yaml`` of one VE into ``job_dir``."""
     import damask
 
@@ -629,7 +641,7 @@ def write_damask_job(job_dir: Path, job: dict[str, Any], sp: SimulateParams) -> 
         config.save(tmp)
     load_path = job_dir / "load.yaml"
     with atomic_output(load_path) as tmp:
-        damask.LoadcaseGrid(damask_load(sp)).save(tmp)
+        damask.LoadcaseGrid(damask_load(sp, shear)).save(tmp)
     return {"grid": vti, "material": material, "load": load_path}
 
 
@@ -644,8 +656,9 @@ def _check_damask(todo: list[dict[str, Any]], damask_dir: Path, sp: SimulatePara
         )
 
 
-def run_damask(jobs: list[dict[str, Any]], sp_dict: dict[str, Any], damask_dir: str) -> list[dict[str, Any]]:
-    """Run DAMASK_grid on each VE; read the volume-averaged sigma_xx per increment."""
+def run_damask(jobs: list[dict[str, Any]], sp_dict: dict[str, Any], damask_dir: str, shear: str = "stress") -> list[dict[str, Any]]:
+    """Run DAMASK_grid on each VE; read the volume-averaged sigma_xx per increment (``shear``: see
+    :func:`damask_load`)."""
     from microfp import cp
 
     sp = SimulateParams(**sp_dict)
@@ -656,7 +669,7 @@ def run_damask(jobs: list[dict[str, Any]], sp_dict: dict[str, Any], damask_dir: 
         start = time.perf_counter()
         res = cp.VEResult(strain=load.strains, stress_xx=np.full(load.increments + 1, np.nan), converged=False)
         try:
-            files = write_damask_job(job_dir, job, sp)
+            files = write_damask_job(job_dir, job, sp, shear)
             env = {**os.environ, "OMP_NUM_THREADS": str(sp.threads_per_worker)}
             proc = subprocess.run(
                 ["DAMASK_grid", "--load", files["load"].name, "--geom", files["grid"].name,
