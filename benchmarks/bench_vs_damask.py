@@ -35,6 +35,10 @@ from microfp import cp, simulate  # noqa: E402
 from microfp.config import SimulateParams  # noqa: E402
 
 
+LAST_CPU_S_PER_VE = float("nan")
+"""CPU seconds per VE of the last spectral run (this process; robust to a loaded machine)."""
+
+
 def rel_diff(spectral: np.ndarray, damask: np.ndarray) -> np.ndarray:
     """(..., P-1) spectral / DAMASK - 1 at every increment after the first point (sigma = 0 there)."""
     return spectral[..., 1:] / damask[..., 1:] - 1.0
@@ -96,12 +100,15 @@ def run_spectral_case(jobs: list[dict], twinning: bool, threads: int, batched: b
     settings = cp.SolverSettings(twinning=twinning)
     groups = [jobs] if batched else [[j] for j in jobs]
     curves, start = [], time.perf_counter()
+    global LAST_CPU_S_PER_VE
+    cpu0 = time.process_time()
     for group in groups:
         res = cp.solve(np.stack([j["grain_ids"] for j in group]), [j["euler"] for j in group], load, settings)
         for r in res:
             if not r.converged:
                 raise RuntimeError(f"spectral solver failed: {r.reason}")
             curves.append(r.stress_xx)
+    LAST_CPU_S_PER_VE = (time.process_time() - cpu0) / len(jobs)
     return np.array(curves), (time.perf_counter() - start) / len(jobs)
 
 
@@ -144,6 +151,7 @@ def compare(jobs: list[dict], twinning: bool, args, retime: int) -> dict:
         "spectral_final_mpa": (s[:, -1] / 1e6).round(3).tolist(),
         "damask_final_mpa": [None if not np.isfinite(v) else round(float(v), 3) for v in d[:, -1] / 1e6],
         "spectral_s_per_ve": spectral_s,
+        "spectral_cpu_s_per_ve": LAST_CPU_S_PER_VE,
         "damask_s_per_ve_this_run": float(np.mean(fresh)) if fresh else None,
         "damask_s_per_ve_cached": float(np.nanmean([x["wall_s"] for x in dam if x["cached"]])) if len(fresh) < len(dam) else None,
     }
@@ -188,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {"shear_held_at_zero": args.shear, "threads": args.threads, "increments": 20, "strain": 0.01, "solver_version": simulate.SOLVER_VERSION,
                     "torch": torch.__version__, "cases": {}}
-    plan = [(16, args.n, t == "on") for t in args.twins.split(",")]
-    plan += [(32, args.n32, t == "on") for t in args.twins32.split(",") if args.n32]
+    plan = [(16, args.n, t == "on") for t in args.twins.split(",") if t and args.n]
+    plan += [(32, args.n32, t == "on") for t in args.twins32.split(",") if t and args.n32]
     cache: dict[int, list[dict]] = {}
     for size, n, twinning in plan:
         jobs = cache.setdefault(size, jobs_for(size, n, args.seed))
