@@ -106,7 +106,7 @@ def test_a_crash_resumes_with_the_missing_ves_only(tmp_path, set_dirs, monkeypat
 def test_dask_local_cluster_and_scheduler_address(tmp_path, set_dirs):
     from distributed import Client, LocalCluster
 
-    params = make_params(max_ves=2, workers=1)
+    params = make_params(max_ves=2, workers=2)
     out, _ = run(params, set_dirs, tmp_path / "local", scheduler=None)  # a LocalCluster of processes
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
         out2, _ = run(params, set_dirs, tmp_path / "remote", scheduler=cluster.scheduler_address)

@@ -380,9 +380,9 @@ def _fan_out(
 ) -> list[str]:
     """Run ``task(batch, *task_args)`` for every batch; call ``on_done`` as each finishes (in this process)."""
     errors: list[str] = []
-    if scheduler is None and sp.workers == 0 and local_workers(sp) == 1:
-        # one worker is all the cores: solve in this process (no cluster start-up, and the same VEs cost
-        # 3-4x fewer CPU seconds here than in a Dask worker process, measured, cause not found)
+    if scheduler is None and local_workers(sp) == 1:
+        # one worker: solve in this process (no cluster start-up, and on the loaded 2-core machine the same
+        # 16^3 VEs cost 6 CPU s each here, 20-22 in a Dask worker process; cause not found)
         scheduler = "inline"
     if scheduler == "inline":
         for batch in batches:
