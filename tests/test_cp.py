@@ -220,7 +220,8 @@ def _local_problem(n_voxels: int = 64, twinning: bool = True):
         [torch.as_tensor(rng.normal(0, 10e6, (n_voxels, 6))), torch.as_tensor(rng.uniform(0, 2e-3, (n_voxels, 1 + twinning)))],
         dim=1,
     )
-    tf = torch.as_tensor(rng.uniform(0.5, 1.0, (n_voxels, 1)))
+    # history: untwinned fraction, slip accumulated before the increment
+    tf = torch.as_tensor(np.column_stack([rng.uniform(0.5, 1.0, n_voxels), rng.uniform(0.0, 0.02, n_voxels)]))
     target = torch.as_tensor(rng.normal(0, 1e-3, (n_voxels, 6)))
     return mat, g, xi_n, y, tf, target
 
@@ -242,20 +243,23 @@ def test_local_jacobian_is_the_derivative_of_the_local_residual(twinning):
 
 def test_resistances_solve_the_backward_euler_hardening_law():
     """xi = xi_n + h_0 |1 - xi/xi_inf|^a sign(.) Gamma on slip systems to round-off; u = d xi / d Gamma."""
-    mat, _, xi_n, y, _, _ = _local_problem()
-    shears = y[:, 6:]
-    xi, u = mat._resistances(xi_n, shears)
+    mat, _, xi_n, y, hist, _ = _local_problem()
+    shears, slip_n = y[:, 6:], hist[:, 1:2]
+    xi, u = mat._resistances(xi_n, shears, slip_n)
     p, slip = cp.MG, mat.slip
     sat = 1 - xi[:, slip] / mat.xi_inf[slip]
     rhs = xi_n[:, slip] + p.h_0_sl_sl * sat.abs() ** p.a_sl * torch.sign(sat) * shears[:, :1]
     np.testing.assert_allclose(xi[:, slip].numpy(), rhs.numpy(), rtol=1e-10)  # 1 mPa of ~10 MPa
     twin = mat.twin
-    np.testing.assert_allclose(xi[:, twin].numpy(), (xi_n[:, twin] + p.h_0_tw_sl * shears[:, :1] + p.h_0_tw_tw * shears[:, 1:]).numpy(), rtol=1e-12)
-    h = 1e-9
-    dG = torch.zeros_like(shears)
-    dG[:, 0] = h
-    fd = (mat._resistances(xi_n, shears + dG)[0] - mat._resistances(xi_n, shears - dG)[0]) / (2 * h)
-    np.testing.assert_allclose(u.numpy(), fd.numpy(), rtol=1e-5)
+    # DAMASK v3.0.2: dot xi_tw = h_0^tw-sl gamma_sl sum|dot gamma_sl| + h_0^tw-tw sum dot gamma_tw, gamma_sl at the end
+    expected = xi_n[:, twin] + p.h_0_tw_sl * (slip_n + shears[:, :1]) * shears[:, :1] + p.h_0_tw_tw * shears[:, 1:]
+    np.testing.assert_allclose(xi[:, twin].numpy(), expected.numpy(), rtol=1e-12)
+    # central differences; twins are quadratic in Gamma, so a larger step is exact and beats round-off
+    for h, cols in ((1e-9, slip), (1e-6, twin)):
+        dG = torch.zeros_like(shears)
+        dG[:, 0] = h
+        fd = (mat._resistances(xi_n, shears + dG, slip_n)[0] - mat._resistances(xi_n, shears - dG, slip_n)[0]) / (2 * h)
+        np.testing.assert_allclose(u[:, cols].numpy(), fd[:, cols].numpy(), rtol=1e-5)
 
 
 def test_a_ve_that_cannot_converge_is_reported_not_raised(hcp_ves):

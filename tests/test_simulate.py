@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -38,7 +39,7 @@ def run(params, set_dirs, out_root, name="hcp", **kw):
     out = out_root / "curves" / f"{name}.parquet"
     summary = simulate.simulate_set(
         params, name, set_dirs / name, out, plot=out_root / "p.png", plot_csv=out_root / "p.csv",
-        metrics=out_root / "m.json", scheduler=kw.pop("scheduler", "inline"), progress=False, **kw,
+        metrics=out_root / "m.json", scheduler=kw.pop("scheduler", "inline"), progress=kw.pop("progress", False), **kw,
     )
     return out, summary
 
@@ -51,12 +52,34 @@ def test_curves_file_plot_and_metrics(tmp_path, set_dirs):
     assert mpa.shape == (3, 3) and (mpa[:, 0] == 0).all()
     assert ((mpa[:, 1] > 15) & (mpa[:, 1] < 30)).all()  # elastic: ~45 GPa * 5e-4
     np.testing.assert_allclose(df[simulate.curve_columns(3, "pa")].to_numpy() / 1e6, mpa)
-    assert (df["wall_s"] > 0).all() and (df["newton_iterations"] > 0).all() and (df["max_residual"] < 1e-5).all()
-    assert summary["converged_fraction"] == 1.0 and json.loads((tmp_path / "m.json").read_text()) == summary
+    assert (df["newton_iterations"] > 0).all() and (df["max_residual"] < 1e-5).all()
+    headline = {k: v for k, v in summary.items() if k != "timing"}
+    assert summary["converged_fraction"] == 1.0 and json.loads((tmp_path / "m.json").read_text()) == headline
+    assert summary["timing"]["stage_s_per_ve"] > 0 and summary["timing"]["solver_s_per_ve"] > 0
     csv = pd.read_csv(tmp_path / "p.csv")
     assert list(csv.columns) == ["strain", "mean_mpa", "std_mpa", "min_mpa", "max_mpa"] and len(csv) == 3
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert len(list(out.with_suffix(".parts").glob("ve-*.json"))) == 3
+
+
+def test_outputs_hold_no_wall_clock_facts_and_are_bit_reproducible(tmp_path, set_dirs):
+    """Timings go to the log and MLflow, so two runs write byte-identical curves, parts and metrics."""
+    params = make_params(max_ves=2)
+    outs = [run(params, set_dirs, tmp_path / name)[0] for name in ("a", "b")]
+    df = pd.read_parquet(outs[0])
+    assert not [c for c in df.columns if "wall" in c or c.endswith("_s")]
+    for part in outs[0].with_suffix(".parts").glob("ve-*.json"):
+        assert "wall" not in part.read_text()
+        assert part.read_bytes() == (outs[1].with_suffix(".parts") / part.name).read_bytes()
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert (tmp_path / "a" / "m.json").read_bytes() == (tmp_path / "b" / "m.json").read_bytes()
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path, set_dirs, capsys):
+    run(make_params(max_ves=2, batch_size=1), set_dirs, tmp_path, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    lines = [x for x in err if x.startswith("simulate hcp: VE")]
+    assert len(lines) == 2 and "(2/2," in lines[-1] and "MPa" in lines[0]
 
 
 def test_a_crash_resumes_with_the_missing_ves_only(tmp_path, set_dirs, monkeypatch):
@@ -83,7 +106,7 @@ def test_a_crash_resumes_with_the_missing_ves_only(tmp_path, set_dirs, monkeypat
 def test_dask_local_cluster_and_scheduler_address(tmp_path, set_dirs):
     from distributed import Client, LocalCluster
 
-    params = make_params(max_ves=2, workers=1)
+    params = make_params(max_ves=2, workers=2)
     out, _ = run(params, set_dirs, tmp_path / "local", scheduler=None)  # a LocalCluster of processes
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
         out2, _ = run(params, set_dirs, tmp_path / "remote", scheduler=cluster.scheduler_address)
@@ -170,3 +193,22 @@ def test_coarsen_subsamples_and_relabels():
     assert coarsen(ids, euler, 0.5, 0)[0] is ids
     with pytest.raises(SimulateError, match="must divide"):
         coarsen(ids, euler, 0.5, 3)
+
+
+@pytest.mark.skipif(shutil.which("DAMASK_grid") is None,
+                    reason="DAMASK_grid not on PATH (bash scripts/build-damask.sh SRC PREFIX; CI has no DAMASK source)")
+def test_damask_backend_runs_the_real_damask_grid_and_agrees_with_the_spectral_solver(tmp_path, set_dirs):
+    """End to end with the real DAMASK_grid: write, run, read damask.Result; one VE on an 8^3 grid to
+    0.2 % in 4 increments, the same load (zero mean shear stresses) as the spectral backend."""
+    kw = dict(max_ves=1, grid=8, strain=0.002, increments=4, threads_per_worker=1)
+    out_d, summary = run(make_params(backend="damask", **kw), set_dirs, tmp_path / "damask")
+    out_s, _ = run(make_params(**kw), set_dirs, tmp_path / "spectral")
+    df, strain, dam = simulate.read_curves(out_d)
+    assert summary["converged_fraction"] == 1.0 and df["backend"][0] == "damask" and dam.shape == (1, 5)
+    spec = simulate.read_curves(out_s)[2]
+    assert dam[0, 0] == pytest.approx(0, abs=1e-6) and (np.diff(dam[0]) > 0).all()
+    # the elastic first increment to 0.5 %; once plastic, the two discretisations of this coarse 8^3 grid
+    # differ by up to ~3 % (measured: 21.73/21.74, 35.04/35.48, 45.77/46.84, 55.60/57.35 MPa); at 16^3
+    # benchmarks/bench_vs_damask.py finds <= ~1 %
+    np.testing.assert_allclose(dam[0, 1], spec[0, 1], rtol=0.005)
+    np.testing.assert_allclose(dam[0, 2:], spec[0, 2:], rtol=0.05)

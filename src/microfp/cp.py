@@ -13,9 +13,12 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   coefficients 1). Twinning (optional, on by default) as DAMASK models it: unidirectional
   pseudo-slip on the tension {10-12} (6, xi_0 40 MPa) and compression {10-11} (6, xi_0 60 MPa)
   twin systems, ``dot_gamma_tw = (1 - f_tw) dot_gamma_0 (tau / xi_tw)^n`` for tau > 0 with
-  ``f_tw = sum gamma_tw / gamma_char``, twin hardening ``h_0^tw-sl sum |dot_gamma_sl| +
-  h_0^tw-tw sum dot_gamma_tw``. DAMASK's slip hardening by twins (coefficients of 1 Pa) and the
-  twin push-up of xi_inf (10 sqrt(f_tw) Pa) are negligible and left out.
+  ``f_tw = sum gamma_tw / gamma_char``, twin hardening ``h_0^tw-sl gamma_sl sum |dot_gamma_sl| +
+  h_0^tw-tw sum dot_gamma_tw`` with ``gamma_sl`` the slip accumulated so far (sum over systems of
+  |gamma|): DAMASK v3.0.2's ``phenopowerlaw_dotState`` with its defaults c_3 = 1, c_4 = 0 (until
+  solver v3 this factor was missing, so twins hardened ~100x too fast by slip). DAMASK's slip
+  hardening by twins (coefficients of 1 Pa) and the twin push-up of xi_inf (10 sqrt(f_tw) Pa) are
+  negligible and left out.
 * Time integration per increment: backward Euler, fully implicit in the voxel. The unknowns of each
   voxel are its stress and the shears accumulated in the increment, ``Gamma = sum_slip |dgamma_a|``
   (and ``Gamma_tw = sum_twin dgamma_a``); the resistances are functions of them (``xi = xi_n +
@@ -246,12 +249,15 @@ class State:
     eps_p: torch.Tensor  # (B, V, 6) plastic strain
     xi: torch.Tensor  # (B, V, N_s) resistances
     gamma_tw: torch.Tensor  # (B, V, N_tw) accumulated twin shear
+    gamma_sl: torch.Tensor  # (B, V, 1) accumulated slip, sum over the slip systems of |gamma_a|
+
+    FIELDS = ("eps_p", "xi", "gamma_tw", "gamma_sl")
 
     def select(self, keep: torch.Tensor) -> "State":
-        return State(self.eps_p[keep], self.xi[keep], self.gamma_tw[keep])
+        return State(*(getattr(self, f)[keep] for f in self.FIELDS))
 
     def clone(self) -> "State":
-        return State(self.eps_p.clone(), self.xi.clone(), self.gamma_tw.clone())
+        return State(*(getattr(self, f).clone() for f in self.FIELDS))
 
 
 class Material:
@@ -307,22 +313,26 @@ class Material:
             eps_p=torch.zeros(B, V, 6, **kw),
             xi=self.xi_0.expand(B, V, self.n_systems).clone(),
             gamma_tw=torch.zeros(B, V, self.n_twin, **kw),
+            gamma_sl=torch.zeros(B, V, 1, **kw),
         )
 
     # -- kinetics --------------------------------------------------------------------------------
-    def _flow(self, tau: torch.Tensor, xi: torch.Tensor, tf: torch.Tensor, dt: float):
+    def _flow(self, tau: torch.Tensor, xi: torch.Tensor, hist: torch.Tensor, dt: float):
         """Shear increments ``dgamma`` (m, N_s) at resolved stresses ``tau`` and resistances ``xi``, and
-        their derivatives with respect to tau and xi (the twin volume factor ``tf`` (m, 1) held fixed)."""
-        return _flow(tau, xi, tf, self.twin, dt * self.p.dot_gamma_0, self.p.n)
+        their derivatives with respect to tau and xi (the untwinned fraction ``hist[:, :1]`` held fixed)."""
+        return _flow(tau, xi, hist[:, :1], self.twin, dt * self.p.dot_gamma_0, self.p.n)
 
-    def _resistances(self, xi_n: torch.Tensor, shears: torch.Tensor):
+    def _resistances(self, xi_n: torch.Tensor, shears: torch.Tensor, slip_n: torch.Tensor):
         """Backward-Euler resistances after the accumulated shears of the increment, and d xi / d Gamma.
 
         ``shears`` (m, 1 or 2): Gamma = sum_slip |dgamma| (and Gamma_tw = sum_twin dgamma). Slip systems
         solve ``xi = xi_n + H(xi) Gamma`` with ``H = h_0 |1 - xi / xi_inf|^a sign(1 - xi / xi_inf)`` by
-        Newton (a contraction of ~2 % per fixed-point step, so two Newton steps reach round-off); twins
-        harden linearly, ``xi = xi_n + h_0^tw-sl Gamma + h_0^tw-tw Gamma_tw``. Returns ``(xi, u)`` (m, N_s),
-        ``u = d xi / d Gamma`` (implicit function theorem on slip, h_0^tw-sl on twins).
+        Newton (a contraction of ~2 % per fixed-point step, so two Newton steps reach round-off). Twins
+        harden as DAMASK v3.0.2 (phenopowerlaw_dotState, c_3 = 1, c_4 = 0): ``dot xi_tw = h_0^tw-sl
+        gamma_sl sum_slip |dot gamma| + h_0^tw-tw sum_twin dot gamma``, with ``gamma_sl`` the slip
+        accumulated so far (state), i.e. backward Euler ``xi = xi_n + h_0^tw-sl (gamma_sl,n + Gamma) Gamma
+        + h_0^tw-tw Gamma_tw``; ``slip_n`` (m, 1) is gamma_sl,n. Returns ``(xi, u)`` (m, N_s),
+        ``u = d xi / d Gamma`` (implicit function theorem on slip, h_0^tw-sl (gamma_sl,n + 2 Gamma) on twins).
         """
         p = self.p
         G = shears[:, :1]
@@ -337,14 +347,15 @@ class Material:
                 break
             x = x - (x - xs_n - H * G) / (1.0 - dH * G)
         xi = torch.empty_like(xi_n)
-        u = torch.full_like(xi_n, p.h_0_tw_sl)
+        u = torch.empty_like(xi_n)
         xi[:, self.slip] = x
         u[:, self.slip] = H / (1.0 - dH * G)
         if self.n_twin:
-            xi[:, self.twin] = xi_n[:, self.twin] + p.h_0_tw_sl * G + p.h_0_tw_tw * shears[:, 1:2]
+            xi[:, self.twin] = xi_n[:, self.twin] + p.h_0_tw_sl * (slip_n + G) * G + p.h_0_tw_tw * shears[:, 1:2]
+            u[:, self.twin] = (p.h_0_tw_sl * (slip_n + 2.0 * G)).expand(-1, self.n_twin)
         return xi, u
 
-    def _residual(self, y, Pg, Sg, target, xi_n, tf, dt):
+    def _residual(self, y, Pg, Sg, target, xi_n, hist, dt):
         """Residual of the local backward-Euler equations for ``y = (sigma, Gamma[, Gamma_tw])`` (m, 6 + k).
 
         ``S sigma + sum_a dgamma_a p_a - target`` (strain), ``Gamma - sum_slip |dgamma_a|`` and
@@ -352,9 +363,9 @@ class Material:
         Returns ``(r, dgamma, d dgamma / d tau, d dgamma / d xi, xi, d xi / d Gamma)``.
         """
         sig = y[:, :6]
-        xi, u = self._resistances(xi_n, y[:, 6:])
+        xi, u = self._resistances(xi_n, y[:, 6:], hist[:, 1:2])
         tau = torch.bmm(Pg, sig.unsqueeze(-1)).squeeze(-1)
-        dg, dgd, dgx = self._flow(tau, xi, tf, dt)
+        dg, dgd, dgx = self._flow(tau, xi, hist, dt)
         r_sig = torch.bmm(Sg, sig.unsqueeze(-1)).squeeze(-1) + torch.bmm(dg.unsqueeze(1), Pg).squeeze(1) - target
         parts = [r_sig, y[:, 6:7] - dg[:, self.slip].abs().sum(-1, keepdim=True)]
         if self.n_twin:
@@ -382,7 +393,7 @@ class Material:
         return torch.cat([top, bottom], 1)
 
     # -- the update ------------------------------------------------------------------------------
-    def _local(self, g, target, xi_n, tf, sig, shears, dt):
+    def _local(self, g, target, xi_n, hist, sig, shears, dt):
         """Newton (with line search) for the stress and the accumulated shears of voxels ``g`` (m,).
 
         Fully implicit: the resistances follow the shears inside the iterations (:meth:`_resistances`).
@@ -398,7 +409,7 @@ class Material:
                "K": torch.empty(m, 6, 6, dtype=self.dtype, device=self.device)}
         converged = torch.zeros(m, dtype=torch.bool, device=self.device)
         active = torch.arange(m, device=self.device)
-        tgt, xin, tfa = target, xi_n, tf
+        tgt, xin, tfa = target, xi_n, hist
         tol = self.local_tol + self.local_rtol * target.abs().amax(-1)
         r, dg, dgd, dgx, xi, u = self._residual(y, Pg, Sg, tgt, xin, tfa, dt)
         iterations = 0
@@ -467,11 +478,13 @@ class Material:
             tf = (1.0 - frac).clamp(min=0.0)
         else:
             tf = torch.ones(M, 1, dtype=self.dtype, device=self.device)
+        # (M, 2): the untwinned fraction and the accumulated slip at the start of the increment
+        hist = torch.cat([tf, state_n.gamma_sl.reshape(M, 1)], dim=1)
         # in chunks: the temporaries of a few 10^4 voxels stay in the allocator's pool, while those of a
         # whole 64^3 grid (~0.4 GB each) go back to the OS and fault in again, which made it 2-3x slower
         xi_n, sig_guess, shears_guess = state_n.xi.reshape(M, -1), sig_guess.reshape(M, 6), shears_guess.reshape(M, -1)
         chunks = [
-            self._local(g[c], target[c], xi_n[c], tf[c], sig_guess[c], shears_guess[c], dt)
+            self._local(g[c], target[c], xi_n[c], hist[c], sig_guess[c], shears_guess[c], dt)
             for c in (slice(i, i + self.chunk) for i in range(0, M, self.chunk))
         ]
         sig, dg, deps_p, xi, shears, K, conv = (torch.cat([c[k] for c in chunks]) for k in range(7))
@@ -481,7 +494,8 @@ class Material:
         gamma_tw = state_n.gamma_tw
         if self.n_twin:
             gamma_tw = gamma_tw + dg[:, self.twin].reshape(B, V, -1)
-        new_state = State(eps_p.reshape(B, V, 6), xi.reshape(B, V, -1), gamma_tw)
+        gamma_sl = state_n.gamma_sl + shears[:, :1].reshape(B, V, 1)
+        new_state = State(eps_p.reshape(B, V, 6), xi.reshape(B, V, -1), gamma_tw, gamma_sl)
         K = 0.5 * (K + K.transpose(-1, -2))
         return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, shears.reshape(B, V, -1), ok, most
 
@@ -545,11 +559,26 @@ class Projection:
 
 @dataclass(frozen=True)
 class Load:
-    """Uniaxial tension along x: mean eps_xx = rate * t, zero mean stress otherwise."""
+    """Uniaxial tension along x: mean eps_xx = rate * t, zero mean normal stresses yy and zz.
+
+    ``shear``: ``"stress"`` (default, the paper's load) holds the mean shear stresses at zero, the mean
+    shear strains are free; ``"strain"`` holds the mean shear strains at zero instead (DAMASK's usual
+    tensionX load, ``dot_F`` off-diagonals 0), which stiffens an anisotropic VE.
+    """
 
     strain: float = 0.01
     rate: float = 1e-3
     increments: int = 20
+    shear: str = "stress"
+
+    def __post_init__(self) -> None:
+        if self.shear not in ("stress", "strain"):
+            raise ValueError(f"Load.shear must be 'stress' or 'strain', got {self.shear!r}")
+
+    @property
+    def stress_controlled(self) -> list[int]:
+        """(6,) 1 where the mean (Mandel) component is stress-controlled (zero mean stress), 0 where strain."""
+        return [0, 1, 1, 1, 1, 1] if self.shear == "stress" else [0, 1, 1, 0, 0, 0]
 
     @property
     def times(self) -> np.ndarray:
@@ -653,7 +682,7 @@ class _Batch:
             torch.cat([p.gid for p in parts]),
             torch.cat([p.eps for p in parts]),
             torch.cat([p.sig for p in parts]),
-            State(*(torch.cat([getattr(p.state, f) for p in parts]) for f in ("eps_p", "xi", "gamma_tw"))),
+            State(*(torch.cat([getattr(p.state, f) for p in parts]) for f in State.FIELDS)),
             torch.cat([p.rate for p in parts]),
             torch.cat([p.shear_rate for p in parts]),
         )
@@ -700,7 +729,7 @@ class _Solver:
         eps = batch.eps + batch.rate * dt
         eps[..., 0] += self.load.rate * t1 - eps[..., 0].mean(dim=1, keepdim=True)
         sig, xi, shears = batch.sig.clone(), batch.state.xi.clone(), batch.shear_rate * dt
-        eps_p, gamma_tw = batch.state.eps_p.clone(), batch.state.gamma_tw.clone()
+        eps_p, gamma_tw, gamma_sl = batch.state.eps_p.clone(), batch.state.gamma_tw.clone(), batch.state.gamma_sl.clone()
         conv = torch.zeros(B, dtype=torch.bool, device=eps.device)
         bad = torch.zeros_like(conv)
         err = torch.full((B,), float("inf"), dtype=eps.dtype, device=eps.device)
@@ -717,7 +746,7 @@ class _Solver:
             s_a, K_a, new, shears_a, ok_a, _ = mat.update(
                 part(batch.gid), part(eps), batch.state if whole else batch.state.select(act), part(sig), part(shears), dt
             )
-            sig[act], xi[act], eps_p[act], shears[act] = s_a, new.xi, new.eps_p, shears_a
+            sig[act], xi[act], eps_p[act], shears[act], gamma_sl[act] = s_a, new.xi, new.eps_p, shears_a, new.gamma_sl
             if mat.n_twin:
                 gamma_tw[act] = new.gamma_tw
             res = proj(s_a.reshape(-1, n, n, n, 6))
@@ -754,7 +783,7 @@ class _Solver:
             r = self.results[batch.ids[b]]
             r.last_residual = float(err[b])
             r.max_residual = max(r.max_residual, r.last_residual)
-        trial = _Batch(list(batch.ids), batch.gid, eps, sig, State(eps_p, xi, gamma_tw), (eps - batch.eps) / dt, shears / dt)
+        trial = _Batch(list(batch.ids), batch.gid, eps, sig, State(eps_p, xi, gamma_tw, gamma_sl), (eps - batch.eps) / dt, shears / dt)
         return trial, conv, reasons
 
 
@@ -787,7 +816,7 @@ def solve(
         device=device,
         chunk=settings.voxel_chunk,
     )
-    proj = Projection(n, torch.tensor([0, 1, 1, 1, 1, 1], dtype=dtype), dtype, device)
+    proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device)
     results = [
         VEResult(strain=load.strains, stress_xx=np.full(load.increments + 1, np.nan), converged=True) for _ in range(B)
     ]

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,10 +44,16 @@ from microfp.config import Params, SimulateParams, load_params
 from microfp.errors import MicrofpError
 from microfp.volumes import relabel_contiguous
 
-SOLVER_VERSION = "galerkin-newton-cg-v2"  # v2: fully implicit voxel update (same curves within tolerance)
+SOLVER_VERSION = "galerkin-newton-cg-v3"  # v3: twin hardening by slip as DAMASK v3.0.2 (h_0^tw-sl x accumulated slip)
 """Change when the results of the spectral solver change (part of the resume key)."""
 
+DAMASK_VERSION = "DAMASK_grid v3.0.2, zero mean shear stress"
+"""The damask backend's part of the resume key (its load case changed: shear stresses, not strains, held)."""
+
 BACKENDS = ("spectral", "damask")
+WALL_KEY, CPU_KEY = "_wall_s", "_cpu_s"
+"""Key of a task record's wall time: logged (and sent to MLflow), never written to a part or the curves,
+so that the stage's outputs are the same on every machine (bit-reproducible ``dvc repro``)."""
 
 
 class SimulateError(MicrofpError):
@@ -63,7 +70,7 @@ def sim_config(sp: SimulateParams) -> dict[str, Any]:
 
     return {
         "backend": sp.backend,
-        "solver": SOLVER_VERSION if sp.backend == "spectral" else "DAMASK_grid",
+        "solver": SOLVER_VERSION if sp.backend == "spectral" else DAMASK_VERSION,
         "strain": sp.strain,
         "strain_rate": sp.strain_rate,
         "increments": sp.increments,
@@ -193,7 +200,7 @@ def run_spectral(jobs: list[dict[str, Any]], sp_dict: dict[str, Any]) -> list[di
     for job in jobs:
         by_size.setdefault(job["grain_ids"].shape[0], []).append(job)
     for group in by_size.values():
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         try:
             results = cp.solve(np.stack([j["grain_ids"] for j in group]), [j["euler"] for j in group], load, settings)
         except Exception as err:  # noqa: BLE001 - any solver failure is a per-VE result, never fatal
@@ -208,8 +215,9 @@ def run_spectral(jobs: list[dict[str, Any]], sp_dict: dict[str, Any]) -> list[di
                 )
                 for _ in group
             ]
+        cpu = (time.process_time() - cpu0) / len(group)  # this worker's CPU seconds per VE (all its threads)
         for job, res in zip(group, results):
-            records.append(_record(job, res, "spectral", len(group)))
+            records.append(_record(job, res, "spectral", len(group)) | {WALL_KEY: float(res.wall_s), CPU_KEY: cpu})
     return records
 
 
@@ -225,7 +233,6 @@ def _record(job: dict[str, Any], res: Any, backend: str, batch: int) -> dict[str
         "cg_iterations": int(res.cg_iterations),
         "cutbacks": int(res.cutbacks),
         "max_residual": float(res.max_residual),
-        "wall_s": float(res.wall_s),
         "batch": int(batch),
         "strain": [float(x) for x in res.strain],
         "sigma_xx_pa": [None if not np.isfinite(x) else float(x) for x in res.stress_xx],
@@ -271,6 +278,9 @@ def simulate_set(
     _clean_parts(parts_dir, {j["part"].name for j in jobs})
     todo = [j for j in jobs if _read_part(j["part"]) is None]
     errors: list[str] = []
+    walls: list[float] = []
+    cpus: list[float] = []
+    start = time.perf_counter()
     if todo:
         if sp.backend == "damask":
             damask_dir = damask_dir or out.with_suffix(".damask")
@@ -281,31 +291,83 @@ def simulate_set(
             batches = [todo[i : i + sp.batch_size] for i in range(0, len(todo), sp.batch_size)]
             task, task_args = run_spectral, (sp.model_dump(),)
         written = 0
+        lines = progress and not sys.stderr.isatty()  # a log (dvc repro, CI): one line per finished VE
 
         def on_done(batch: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
             nonlocal written
             for job, rec in zip(batch, records):
+                walls.append(float(rec.pop(WALL_KEY, float("nan"))))
+                cpus.append(float(rec.pop(CPU_KEY, float("nan"))))
                 rec.update({"set": set_name, "key": job["key"], "digest": job["digest"]})
                 write_text(job["part"], json.dumps(rec, sort_keys=True) + "\n")
                 written += 1
                 advance()
+                if lines:
+                    print(progress_line(set_name, rec, written, len(todo), time.perf_counter() - start),
+                          file=sys.stderr, flush=True)
                 if stop_after is not None and written >= stop_after:
                     raise RuntimeError(f"injected failure after {written} VEs")
 
         from microfp.datasets import ProgressBar
 
-        with ProgressBar(progress, f"simulate {set_name} ({sp.backend})", len(todo)) as advance:
+        with ProgressBar(progress and not lines, f"simulate {set_name} ({sp.backend})", len(todo)) as advance:
             errors = _fan_out(batches, task, task_args, on_done, scheduler, sp)
     summary = merge_parts(jobs, out, config, set_name)
     if plot is not None or plot_csv is not None:
         plot_curves(out, plot, plot_csv, set_name)
     if metrics is not None:
         write_json(metrics, summary)
+    summary = summary | {"timing": timing(walls, cpus, time.perf_counter() - start, sp, len(todo))}
     if errors:
         raise SimulateError(
             f"{len(errors)} task(s) failed ({errors[0]}); finished VEs were kept in {parts_dir}, rerun to retry the rest"
         )
     return summary
+
+
+def progress_line(set_name: str, rec: dict[str, Any], done: int, total: int, elapsed_s: float) -> str:
+    """One log line for a finished VE: its final sigma_xx (or why it failed), count and elapsed time."""
+    final = rec["sigma_xx_pa"][-1]
+    what = f"sigma_xx {final / 1e6:.1f} MPa" if rec["converged"] and final is not None else f"failed: {rec['reason']}"
+    return f"simulate {set_name}: VE {rec['ve_index']} {what} ({done}/{total}, {elapsed_s:.0f} s)"
+
+
+def timing(walls: list[float], cpus: list[float], elapsed_s: float, sp: SimulateParams, n_new: int) -> dict[str, float]:
+    """Wall-clock facts of this run (for the log and MLflow, never for DVC-tracked files): the stage's
+    wall seconds, its seconds per newly simulated VE, and the solver's own wall and CPU seconds per VE
+    (wall >> CPU / threads: the worker waited for a core, i.e. the machine was oversubscribed)."""
+    solver = [w for w in walls if np.isfinite(w)]
+    cpu = [c for c in cpus if np.isfinite(c)]
+    return {
+        "solver_cpu_s_per_ve": float(np.mean(cpu)) if cpu else float("nan"),
+        "n_simulated_now": float(n_new),
+        "stage_wall_s": float(elapsed_s),
+        "stage_s_per_ve": float(elapsed_s / n_new) if n_new else float("nan"),
+        "solver_s_per_ve": float(np.mean(solver)) if solver else float("nan"),
+        "batch_size": float(sp.batch_size),
+        "threads_per_worker": float(sp.threads_per_worker),
+    }
+
+
+def local_workers(sp: SimulateParams) -> int:
+    """Worker processes of a LocalCluster: ``simulate.workers``, or cores / threads_per_worker when 0."""
+    from microfp.datasets import resolve_workers
+
+    return sp.workers or max(1, resolve_workers(0) // sp.threads_per_worker)
+
+
+def worker_environ(threads: int) -> dict[str, Any]:
+    """Dask config for the environment of local worker processes.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (give freed memory back to the OS
+    at once), while the solver frees and reallocates tens of MB of temporaries per voxel update; a 1 GiB
+    threshold keeps them. The thread variables are set to the torch threads of a worker. (Measured on a
+    loaded 2-core machine, 8 VEs at 16^3: 21.8 CPU s per VE in a Dask worker before, 20.0 after, against
+    6.0 in the main process: most of the worker's excess is still unexplained, see :func:`_fan_out`.)
+    """
+    env = {"MALLOC_TRIM_THRESHOLD_": str(2**30), "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}
 
 
 def _fan_out(
@@ -318,6 +380,10 @@ def _fan_out(
 ) -> list[str]:
     """Run ``task(batch, *task_args)`` for every batch; call ``on_done`` as each finishes (in this process)."""
     errors: list[str] = []
+    if scheduler is None and local_workers(sp) == 1:
+        # one worker: solve in this process (no cluster start-up, and on the loaded 2-core machine the same
+        # 16^3 VEs cost 6 CPU s each here, 20-22 in a Dask worker process; cause not found)
+        scheduler = "inline"
     if scheduler == "inline":
         for batch in batches:
             on_done(batch, task(_payload(batch), *task_args))
@@ -330,19 +396,19 @@ def _fan_out(
         logging.getLogger(name).setLevel(logging.WARNING)
     cluster = None
     if scheduler is None:
-        from microfp.datasets import resolve_workers
+        import dask
 
         threads = sp.threads_per_worker
-        workers = sp.workers or max(1, resolve_workers(0) // threads)
-        workers = min(workers, len(batches))
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,  # one task at a time per process; torch uses threads_per_worker threads
-            processes=True,
-            dashboard_address=":0",
-            memory_limit=0,
-            silence_logs=40,
-        )
+        workers = min(local_workers(sp), len(batches))
+        with dask.config.set(worker_environ(threads)):
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,  # one task at a time per process; torch uses threads_per_worker threads
+                processes=True,
+                dashboard_address=":0",
+                memory_limit=0,
+                silence_logs=40,
+            )
         client = Client(cluster)
     else:
         try:
@@ -414,14 +480,14 @@ def merge_parts(jobs: list[dict[str, Any]], out: Path, config: dict[str, Any], s
         strain = rec["strain"]
         pa_vals = np.array([np.nan if v is None else v for v in rec["sigma_xx_pa"]], dtype=np.float64)
         row = {k: rec[k] for k in ("ve_index", "n_grains", "ve_size", "backend", "converged", "reason",
-                                   "newton_iterations", "cg_iterations", "cutbacks", "max_residual", "wall_s")}
+                                   "newton_iterations", "cg_iterations", "cutbacks", "max_residual")}
         row["set"] = set_name
         row.update(dict(zip(curve_columns(len(pa_vals), "pa"), pa_vals)))
         row.update(dict(zip(curve_columns(len(pa_vals), "mpa"), pa_vals / 1e6)))
         rows.append(row)
     n_points = config["increments"] + 1
     columns = ["set", "ve_index", "converged", "reason", "backend", "n_grains", "ve_size", "newton_iterations",
-               "cg_iterations", "cutbacks", "max_residual", "wall_s"] + curve_columns(n_points, "pa") + curve_columns(n_points, "mpa")
+               "cg_iterations", "cutbacks", "max_residual"] + curve_columns(n_points, "pa") + curve_columns(n_points, "mpa")
     df = pd.DataFrame(rows, columns=columns).sort_values("ve_index").reset_index(drop=True)
     if strain is None:
         strain = list(np.linspace(0, config["strain"], n_points))
@@ -433,17 +499,12 @@ def merge_parts(jobs: list[dict[str, Any]], out: Path, config: dict[str, Any], s
         pq.write_table(table, tmp)
     conv = df[df["converged"]]
     mpa = conv[curve_columns(n_points, "mpa")].to_numpy()
+    # headline numbers only (DVC metrics); per-VE detail is in the parquet and the plots
     summary = {
-        "set": set_name,
-        "backend": config["backend"],
-        "n_ves": int(len(jobs)),
-        "n_done": int(len(df)),
         "n_converged": int(len(conv)),
         "converged_fraction": float(len(conv) / len(jobs)) if jobs else 0.0,
-        "wall_s_per_ve": float(df["wall_s"].mean()) if len(df) else float("nan"),
         "final_stress_mpa_mean": float(mpa[:, -1].mean()) if len(mpa) else float("nan"),
         "final_stress_mpa_std": float(mpa[:, -1].std()) if len(mpa) else float("nan"),
-        "max_residual": float(conv["max_residual"].max()) if len(conv) else float("nan"),
     }
     return summary
 
@@ -556,19 +617,28 @@ def damask_phase(twinning: bool = True) -> dict[str, Any]:
     }
 
 
-def damask_load(sp: SimulateParams) -> dict[str, Any]:
-    """Load case: dot_F_xx prescribed, P = 0 in the other normal components, no rotation (DAMASK's tensionX)."""
+def damask_load(sp: SimulateParams, shear: str = "stress") -> dict[str, Any]:
+    """Load case of uniaxial tension along x: dot_F_xx prescribed, P_yy = P_zz = 0, no rotation.
+
+    ``shear="stress"`` (default): the spectral backend's (and the paper's) load, zero mean shear
+    stresses: P_xy = P_xz = P_yz = 0 with the lower off-diagonal rates dot_F_yx = dot_F_zx = dot_F_zy = 0
+    (which suppress the rigid rotation; then the Cauchy shear stresses are exactly zero as well).
+    ``shear="strain"``: DAMASK's usual tensionX, all off-diagonal rates zero (shear strains held).
+    """
     x = "x"
+    if shear == "stress":
+        dot_F = [[sp.strain_rate, x, x], [0, x, x], [0, 0, x]]
+        P = [[x, 0, 0], [x, 0, 0], [x, x, 0]]
+    elif shear == "strain":
+        dot_F = [[sp.strain_rate, 0, 0], [0, x, 0], [0, 0, x]]
+        P = [[x, x, x], [x, 0, x], [x, x, 0]]
+    else:
+        raise SimulateError(f"shear must be 'stress' or 'strain', got {shear!r}")
     return {
         "solver": {"mechanical": "spectral_basic"},
         "loadstep": [
             {
-                "boundary_conditions": {
-                    "mechanical": {
-                        "dot_F": [[sp.strain_rate, 0, 0], [0, x, 0], [0, 0, x]],
-                        "P": [[x, x, x], [x, 0, x], [x, x, 0]],
-                    }
-                },
+                "boundary_conditions": {"mechanical": {"dot_F": dot_F, "P": P}},
                 "discretization": {"t": sp.strain / sp.strain_rate, "N": sp.increments},
                 "f_out": 1,
             }
@@ -576,7 +646,7 @@ def damask_load(sp: SimulateParams) -> dict[str, Any]:
     }
 
 
-def write_damask_job(job_dir: Path, job: dict[str, Any], sp: SimulateParams) -> dict[str, Path]:
+def write_damask_job(job_dir: Path, job: dict[str, Any], sp: SimulateParams, shear: str = "stress") -> dict[str, Path]:
     """Write ``grid.vti``, ``material.yaml`` (phase Mg) and ``load.yaml`` of one VE into ``job_dir``."""
     import damask
 
@@ -602,7 +672,7 @@ def write_damask_job(job_dir: Path, job: dict[str, Any], sp: SimulateParams) -> 
         config.save(tmp)
     load_path = job_dir / "load.yaml"
     with atomic_output(load_path) as tmp:
-        damask.LoadcaseGrid(damask_load(sp)).save(tmp)
+        damask.LoadcaseGrid(damask_load(sp, shear)).save(tmp)
     return {"grid": vti, "material": material, "load": load_path}
 
 
@@ -617,8 +687,9 @@ def _check_damask(todo: list[dict[str, Any]], damask_dir: Path, sp: SimulatePara
         )
 
 
-def run_damask(jobs: list[dict[str, Any]], sp_dict: dict[str, Any], damask_dir: str) -> list[dict[str, Any]]:
-    """Run DAMASK_grid on each VE; read the volume-averaged sigma_xx per increment."""
+def run_damask(jobs: list[dict[str, Any]], sp_dict: dict[str, Any], damask_dir: str, shear: str = "stress") -> list[dict[str, Any]]:
+    """Run DAMASK_grid on each VE; read the volume-averaged sigma_xx per increment (``shear``: see
+    :func:`damask_load`)."""
     from microfp import cp
 
     sp = SimulateParams(**sp_dict)
@@ -629,7 +700,7 @@ def run_damask(jobs: list[dict[str, Any]], sp_dict: dict[str, Any], damask_dir: 
         start = time.perf_counter()
         res = cp.VEResult(strain=load.strains, stress_xx=np.full(load.increments + 1, np.nan), converged=False)
         try:
-            files = write_damask_job(job_dir, job, sp)
+            files = write_damask_job(job_dir, job, sp, shear)
             env = {**os.environ, "OMP_NUM_THREADS": str(sp.threads_per_worker)}
             proc = subprocess.run(
                 ["DAMASK_grid", "--load", files["load"].name, "--geom", files["grid"].name,
@@ -655,7 +726,7 @@ def run_damask(jobs: list[dict[str, Any]], sp_dict: dict[str, Any], damask_dir: 
         res.wall_s = time.perf_counter() - start
         if not res.converged:
             res.stress_xx[:] = np.nan
-        records.append(_record(job, res, "damask", 1))
+        records.append(_record(job, res, "damask", 1) | {WALL_KEY: float(res.wall_s)})
     return records
 
 
@@ -714,8 +785,24 @@ def simulate_command(
         scheduler=scheduler,
         progress=progress,
     )
+    t = summary["timing"]
     typer.echo(
-        f"{set_name}: {summary['n_converged']} of {summary['n_ves']} VEs converged ({summary['backend']}), "
+        f"{set_name}: {summary['n_converged']} of {p.simulate.max_ves} VEs converged ({p.simulate.backend}), "
         f"sigma_xx at {p.simulate.strain:g} strain {summary['final_stress_mpa_mean']:.1f} +- "
         f"{summary['final_stress_mpa_std']:.1f} MPa; {out}"
     )
+    if t["n_simulated_now"]:
+        typer.echo(f"{set_name}: {t['n_simulated_now']:.0f} VEs simulated in {t['stage_wall_s']:.0f} s, "
+                   f"{t['stage_s_per_ve']:.2f} s/VE (solver {t['solver_s_per_ve']:.2f} s wall, "
+                   f"{t['solver_cpu_s_per_ve']:.2f} s CPU per VE in its worker)", err=True)
+        _log_mlflow(p, set_name, summary)
+
+
+def _log_mlflow(params: Params, set_name: str, summary: dict[str, Any]) -> None:
+    """The run's headline metrics and its timings (which stay out of the DVC-tracked files) to MLflow."""
+    from microfp.tracking import log_finished_run
+
+    try:
+        log_finished_run("microfp-simulate", "simulate", {"set": set_name, **params.simulate.model_dump()}, summary)
+    except Exception as err:  # noqa: BLE001 - tracking is a convenience, never a reason to fail the stage
+        typer.echo(f"simulate: MLflow logging failed ({type(err).__name__}: {str(err)[:120]})", err=True)

@@ -240,6 +240,26 @@ def curve_metrics(y_true: np.ndarray, y_pred: np.ndarray, norm: MinMax) -> dict[
     return out
 
 
+def per_ve_mae_mpa(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """(N,) mean absolute error of each VE's curve over its points, MPa; ``y_*`` (N, P) in Pa."""
+    return (np.abs(y_pred - y_true) / MPA).mean(axis=1)
+
+
+def paired_bootstrap(mae_a: np.ndarray, mae_b: np.ndarray, seed: int, n_boot: int = 10_000) -> dict[str, float]:
+    """Paired comparison of two predictors on the same test VEs: mean of ``mae_a - mae_b`` (N,) (MPa;
+    negative = a is better) and its bootstrap 95 % interval (VEs resampled with replacement)."""
+    d = np.asarray(mae_a, dtype=np.float64) - np.asarray(mae_b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return {"mae_diff_mpa": float(d.mean()), "mae_diff_ci95_lo": float(lo), "mae_diff_ci95_hi": float(hi)}
+
+
+def constant_prediction(y_train: np.ndarray, n: int) -> np.ndarray:
+    """The mean training curve for ``n`` VEs, (n, P): the baseline a fingerprint has to beat."""
+    return np.broadcast_to(y_train.mean(axis=0), (n, y_train.shape[1])).copy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Texture-only baseline descriptor
 
@@ -507,6 +527,9 @@ def run(
             f"{len(eps)} (simulate.increments + 1); rerun `microfp simulate`"
         )
     report: dict[str, Any] = {}
+    detail: dict[str, dict[str, float]] = {}  # every metric, for the detail file and MLflow
+    timings: dict[str, float] = {}  # wall-clock facts: the log and MLflow only (bit-reproducible metrics)
+    test_mae: dict[str, np.ndarray] = {}
     parity: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     fitted: dict[str, tuple[SurrogateNet, dict[str, Any], np.ndarray]] = {}
     for kind, table in tables.items():
@@ -516,19 +539,23 @@ def run(
         xs = (x - x_mean) / x_std
         t0 = time.perf_counter()
         net, losses = fit(xs[train_rows], norm.transform(y[train_rows]), s, params.seed)
-        fit_s = time.perf_counter() - t0
+        timings[f"{kind}_fit_s"] = time.perf_counter() - t0
         pred = norm.inverse(predict01(net, xs))
         train_m = curve_metrics(y[train_rows], pred[train_rows], norm)
         test_m = curve_metrics(y[test_rows], pred[test_rows], norm)
-        report[kind] = {
+        detail[kind] = {
             "in_dim": float(x.shape[1]),
-            "fit_seconds": fit_s,
             "final_train_loss": losses[-1] if losses else float("nan"),
             **{f"train_{k}": v for k, v in train_m.items() if not k.startswith("mae_mpa_inc")},
             **{f"test_{k}": v for k, v in test_m.items()},
         }
+        test_mae[kind] = per_ve_mae_mpa(y[test_rows], pred[test_rows])
         parity[kind] = (y[test_rows], pred[test_rows])
         fitted[kind] = (net, {"x_mean": x_mean.tolist(), "x_std": x_std.tolist()}, pred)
+    const = constant_prediction(y[train_rows], len(test_rows))
+    detail["constant"] = {f"test_{k}": v for k, v in curve_metrics(y[test_rows], const, norm).items()}
+    test_mae["constant"] = per_ve_mae_mpa(y[test_rows], const)
+    report.update(headline_metrics(detail, test_mae, params.seed))
     vae_net, vae_meta, vae_pred = fitted["vae"]
     plot_curves(plots / "curves.png", eps, y[test_rows], vae_pred[test_rows], ids[test_rows])
     save_checkpoint(
@@ -548,14 +575,35 @@ def run(
             "ood": _embedded_ood(vae_checkpoint),
         },
     )
-    report["latency"] = latency_report(out, vae_checkpoint, ves / set_name, tables["vae"], curve_table, vae_net, ids)
-    report["data"] = {"n_train": float(len(train_rows)), "n_test": float(len(test_rows)),
-                      "n_simulated": float(len(curve_table)), "n_converged": float(len(ids))}
+    timings.update(latency_report(out, vae_checkpoint, ves / set_name, tables["vae"], vae_net, ids))
+    report["data"] = {"n_train": len(train_rows), "n_test": len(test_rows),
+                      "n_simulated": len(curve_table), "n_converged": len(ids)}
     plot_parity(plots / "parity.png", parity)
     write_parity_csv(plots / "parity.csv", parity)
+    write_detail_csv(plots / "per_increment.csv", eps, detail)
     write_json(metrics, report)
-    _log_mlflow(params, set_name, report, out)
-    return report
+    _log_mlflow(params, set_name, {**report, "detail": detail, "timing": timings}, out)
+    return {**report, "detail": detail, "latency": timings}
+
+
+def headline_metrics(detail: dict[str, dict[str, float]], test_mae: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+    """The few numbers of metrics/surrogate.json per predictor: test MAE +- std (MPa, over test VEs), R^2,
+    and for the fingerprints the paired comparison with the texture-only descriptor on the same VEs."""
+    out: dict[str, Any] = {}
+    for kind, d in detail.items():
+        out[kind] = {"test_mae_mpa": d["test_mae_mpa"], "test_mae_mpa_std": d["test_mae_mpa_std"], "test_r2": d["test_r2"]}
+        if kind != "texture" and "texture" in test_mae:
+            out[kind]["vs_texture"] = paired_bootstrap(test_mae[kind], test_mae["texture"], seed)
+    return out
+
+
+def write_detail_csv(path: Path, eps: np.ndarray, detail: dict[str, dict[str, float]]) -> None:
+    """Test MAE (MPa) at each strain point per predictor: the per-increment detail as DVC plot data."""
+    frame = pd.DataFrame({"strain": eps})
+    for kind, d in detail.items():
+        frame[kind] = [d[f"test_mae_mpa_inc_{k:02d}"] for k in range(len(eps))]
+    with atomic_output(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
 
 
 def _embedded_ood(vae_checkpoint: Path) -> dict[str, Any] | None:
@@ -574,11 +622,10 @@ def _set_crystal(set_dir: Path) -> str:
 
 
 def latency_report(
-    checkpoint: Path, vae_checkpoint: Path, set_dir: Path, fp: pd.DataFrame, curves: pd.DataFrame,
-    net: SurrogateNet, ids: np.ndarray,
+    checkpoint: Path, vae_checkpoint: Path, set_dir: Path, fp: pd.DataFrame, net: SurrogateNet, ids: np.ndarray,
 ) -> dict[str, float]:
-    """Measured seconds per VE: surrogate alone (single, batched), end to end from a one-VE file
-    (load + encode + predict), and the speed-up over the measured simulation time per VE."""
+    """Measured seconds per VE: surrogate alone (single, batched) and end to end from a one-VE file
+    (load + encode + predict). Wall-clock facts: logged and sent to MLflow, not written to metrics."""
     import tempfile
 
     from microfp import shards
@@ -592,11 +639,6 @@ def latency_report(
         shards.write_shard(one, first.select(0))
         predictor.predict_file(one)  # warm-up (imports, allocator)
         out["end_to_end_s"] = _median_seconds(lambda: predictor.predict_file(one), 5)
-    if "wall_s" in curves:
-        sim = float(curves["wall_s"].mean())
-        out["simulation_s_per_ve"] = sim
-        out["speedup_end_to_end"] = sim / out["end_to_end_s"]
-        out["speedup_surrogate_batched"] = sim / out["surrogate_batched_s_per_ve"]
     return out
 
 
@@ -638,10 +680,14 @@ def surrogate_command(
     """
     p = load_params(params)
     report = run(p, set_name, fingerprints, twopoint, ves, curves, vae, out, metrics, plots)
-    for kind in ("vae", "twopoint", "texture"):
+    typer.echo(f"{report['data']['n_test']} test VEs, {report['data']['n_train']} training VEs")
+    for kind in ("vae", "twopoint", "texture", "constant"):
         r = report[kind]
-        typer.echo(f"{kind:9s} test MSE {r['test_mse_norm']:.3g}, MAE {r['test_mae_mpa']:.2f} +- "
-                   f"{r['test_mae_mpa_std']:.2f} MPa, R^2 {r['test_r2']:.3f}")
+        line = f"{kind:9s} test MAE {r['test_mae_mpa']:.2f} +- {r['test_mae_mpa_std']:.2f} MPa, R^2 {r['test_r2']:.3f}"
+        if "vs_texture" in r:
+            c = r["vs_texture"]
+            line += f"; minus texture-only {c['mae_diff_mpa']:+.2f} MPa [{c['mae_diff_ci95_lo']:+.2f}, {c['mae_diff_ci95_hi']:+.2f}]"
+        typer.echo(line)
     lat = report["latency"]
     typer.echo(f"latency: surrogate {lat['surrogate_single_s']*1e3:.3f} ms/VE single, "
                f"end to end {lat['end_to_end_s']*1e3:.0f} ms/VE")
