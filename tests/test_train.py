@@ -251,23 +251,37 @@ def test_two_trainings_are_bit_identical(data_dir: Path, tmp_path: Path) -> None
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("representation", ["euler", "quaternion"])
-def test_a_tiny_model_beats_the_mean_field_of_its_set(data_dir: Path, tmp_path: Path, representation: str) -> None:
+@pytest.fixture(scope="module")
+def textured_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """VEs whose grains share a VE-specific orientation (+- 0.03 of the range): a model that reads its
+    input can reconstruct them, the set's mean field cannot."""
+    root = tmp_path_factory.mktemp("textured")
+    for name, count, seed in (("train", 32, 10), ("val", 8, 11)):
+        ves = make_ves(np.random.default_rng(seed), count)
+        rng = np.random.default_rng(seed + 100)
+        base = rng.uniform(0.1, 0.9, (count, 1, 3))
+        ves.euler[:] = ((base + rng.uniform(-0.03, 0.03, ves.euler.shape)) * EULER_SCALE).astype(np.float32)
+        write_shard(root / name / "shard-00000.h5", ves)
+    return root
+
+
+@pytest.mark.parametrize("representation", ["quaternion", "euler"])
+def test_a_tiny_model_beats_the_mean_field_of_its_set(textured_dir: Path, tmp_path: Path, representation: str) -> None:
     # learning happens: after a short training, reconstructions of the training VEs are closer to their
-    # inputs (project's own disorientation) than the set's mean field, i.e. the decoder uses the latent
+    # inputs (the project's own disorientation) than the set's mean field: the decoder uses the latent
     from microfp.evaluate import reconstruction_metrics
 
-    run(make_params(epochs=12, representation=representation, lr=0.01, lr_schedule="cosine",
-                    hidden_dim=64, base_channels=8, bottleneck_channels=8, beta=0.0), data_dir, tmp_path)
+    run(make_params(epochs=10, representation=representation, lr=0.01, lr_schedule="cosine", hidden_dim=64,
+                    base_channels=8, bottleneck_channels=8, beta=0.0), textured_dir, tmp_path)
     vae = load_vae(tmp_path / "models/vae/best.ckpt")
-    ds = ShardDataset(data_dir / "train", N)
+    ds = ShardDataset(textured_dir / "train", N)
     x = torch.stack([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         x_hat = vae.decode(vae.encode(x)[0])
     model = reconstruction_metrics(x, x_hat, "cubic")["disorientation_deg"].mean().item()
     mean_field = x.mean(0, keepdim=True).expand_as(x).contiguous()
     baseline = reconstruction_metrics(x, mean_field, "cubic")["disorientation_deg"].mean().item()
-    assert model < 0.8 * baseline, (model, baseline)
+    assert model < 0.7 * baseline, (model, baseline)
 
 
 def test_lazy_reading_with_a_worker_process(data_dir: Path, tmp_path: Path) -> None:

@@ -480,9 +480,12 @@ class MLflowTracking(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        import logging
+
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no database-setup chatter in the stage log
         self.client = MlflowClient(tracking_uri=self.uri)
         if self.resuming:
             try:
