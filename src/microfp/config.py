@@ -58,6 +58,11 @@ class SetSpec(_Strict):
     )
     texture: Literal["random", "brass", "copper", "cube", "goss"] = "random"
     spread_deg: float = Field(2.0, ge=0, le=90, description="std of the Euler-angle noise, degrees")
+    component_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="random-texture sets: share of VEs whose grains scatter (spread_deg) around one random "
+        "orientation of their own (a random texture component); 0 = all uniformly random (paper)",
+    )
     crystal: CrystalFamily = "cubic"
 
     @field_validator("esd_mean")
