@@ -98,12 +98,12 @@ def score(vae: Any, fields: dict[str, tuple[torch.Tensor, str]], batch: int = 16
 
 
 def mean_field_scores(fields: dict[str, tuple[torch.Tensor, str]]) -> dict[str, float]:
-    """Score of each set's per-voxel mean normalised Euler field (an input-ignoring model)."""
-    from microfp.evaluate import reconstruction_metrics
+    """Score of each set's mean field (:func:`microfp.evaluate.mean_field`: an input-ignoring model)."""
+    from microfp.evaluate import mean_field, reconstruction_metrics
 
     out = {}
     for name, (x, crystal) in fields.items():
-        mean = x.mean(0, keepdim=True).expand_as(x)
+        mean = mean_field(x, crystal).expand_as(x)
         m = reconstruction_metrics(x, mean.contiguous(), crystal)
         out[f"{name}_phi4"] = float(m["phi4"].mean())
         out[f"{name}_dis"] = float(m["disorientation_deg"].mean())

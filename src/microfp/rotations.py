@@ -27,6 +27,7 @@ import torch
 from microfp.errors import MicrofpError
 
 __all__ = [
+    "align_to",
     "disorientation_cos_half",
     "euler_field_to_quaternion",
     "euler_to_quaternion",
@@ -126,6 +127,22 @@ def reduce_to_fz(q: torch.Tensor, family: str, dim: int = -1) -> torch.Tensor:
     best = w.abs().argmax(dim=1)  # (N,)
     out = torch.bmm(mats[best], flat.unsqueeze(-1)).squeeze(-1)  # (N, 4)
     out = torch.where(out[:, :1] < 0, -out, out)
+    return out.reshape(qm.shape).movedim(-1, dim)
+
+
+def align_to(q: torch.Tensor, ref: torch.Tensor, family: str, dim: int = -1) -> torch.Tensor:
+    """The symmetric equivalent ``s * q`` (and sign) of each orientation closest to ``ref`` (same
+    shape, broadcast; components along ``dim``): what makes orientations of one texture component
+    averageable when they straddle the fundamental zone's boundary."""
+    sym = symmetry_quaternions(family, q.dtype, q.device)
+    mats = _left_matrices(sym)  # (S, 4, 4)
+    qm, rm = q.movedim(dim, -1), torch.broadcast_to(ref, q.shape).movedim(dim, -1)
+    flat, rflat = qm.reshape(-1, 4), rm.reshape(-1, 4)
+    eq = torch.einsum("sij,nj->nsi", mats, flat)  # (N, S, 4)
+    dots = torch.einsum("nsi,ni->ns", eq, rflat)
+    best = dots.abs().argmax(dim=1)
+    out = eq[torch.arange(len(flat)), best]
+    out = torch.where((out * rflat).sum(-1, keepdim=True) < 0, -out, out)
     return out.reshape(qm.shape).movedim(-1, dim)
 
 
