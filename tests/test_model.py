@@ -234,9 +234,9 @@ def _conv_formula(cfg: VAEConfig) -> tuple[int, int]:
     enc = 343 * 3 * b + 2 * b  # stem k7
     enc += sum(n * block(w) for n, w in zip(BLOCKS[cfg.encoder], widths))
     enc += sum(27 * widths[i] * widths[i + 1] + 2 * widths[i + 1] for i in range(3))  # strided convs
-    enc += 8 * b * c + 2 * c  # 1x1 squeeze
+    enc += 8 * b * c + c  # 1x1 squeeze (bias, no BN)
     head = max(b // 2, 4)
-    dec = c * 8 * b + 2 * 8 * b  # 1x1 unsqueeze
+    dec = c * 8 * b + 8 * b  # 1x1 unsqueeze (bias, no BN)
     dec += sum(64 * 2 * w * w + 2 * w + block(w) for w in (4 * b, 2 * b, b))  # ConvT k4 + BN + ResBlock
     dec += 64 * b * head + 2 * head + 27 * head * 3 + 3  # last ConvT, final conv (with bias)
     return enc, dec

@@ -270,7 +270,7 @@ def test_a_tiny_model_beats_the_mean_field_of_its_set(textured_dir: Path, tmp_pa
     # inputs (the project's own disorientation) than the set's mean field: the decoder uses the latent
     from microfp.evaluate import mean_field, reconstruction_metrics
 
-    run(make_params(epochs=30, representation="quaternion", lr=0.01, lr_schedule="cosine", hidden_dim=64,
+    run(make_params(epochs=30, representation="quaternion", lr=0.01, threads=2, lr_schedule="cosine", hidden_dim=64,
                     base_channels=8, bottleneck_channels=8, beta=0.0), textured_dir, tmp_path)
     vae = load_vae(tmp_path / "models/vae/best.ckpt")
     ds = ShardDataset(textured_dir / "train", N)

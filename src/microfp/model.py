@@ -11,10 +11,10 @@ Shapes (``b`` = ``base_channels``, ``s = n / 16``, ``c`` = ``bottleneck_channels
              layer 3   blocks[2] x ResBlock(4b)                n/8
              down      conv k3 s2, 4b -> 8b                    n/16
              layer 4   blocks[3] x ResBlock(8b)                n/16
-             squeeze   conv k1, 8b -> c                        (the lean bottleneck, see below)
+             squeeze   conv k1 (bias, no BN), 8b -> c          (the lean bottleneck, see below)
              flatten -> Linear(c s^3, hidden) -> ReLU -> Linear(hidden, latent) twice: mu, ln(sigma^2)
     z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) per sample, only in training; eval: z = mu
-    decoder  Linear(latent, hidden) -> ReLU -> Linear(hidden, c s^3) -> ReLU -> conv k1, c -> 8b
+    decoder  Linear(latent, hidden) -> ReLU -> Linear(hidden, c s^3) -> ReLU -> conv k1 (bias), c -> 8b
              3 x [ConvTranspose k4 s2 (halving channels) + BN + ReLU, ResBlock]   n/16 -> n/2
              ConvTranspose k4 s2, b -> b/2 + BN + ReLU, conv k3, b/2 -> 3, sigmoid        n
 
@@ -106,6 +106,14 @@ def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequen
     )
 
 
+def conv_relu(cin: int, cout: int) -> nn.Sequential:
+    """1x1x1 convolution with bias, ReLU: the lean bottleneck's squeeze / unsqueeze. No BatchNorm there:
+    at n/16 voxels per edge (1-4) its batch statistics standardise each VE against the other VEs of a
+    batch of 8, which erases the absolute orientation the fingerprint must carry (issue 11: with it a
+    tiny model does not beat its set's mean field; without it, it does)."""
+    return nn.Sequential(nn.Conv3d(cin, cout, 1), nn.ReLU(inplace=True))
+
+
 def up_bn_relu(cin: int, cout: int) -> nn.Sequential:
     """Transposed convolution doubling each spatial size (k4, s2, p1), BN, ReLU."""
     return nn.Sequential(
@@ -145,7 +153,7 @@ class Encoder(nn.Module):
                 stages.append(conv_bn_relu(widths[i - 1], width, 3, stride=2))
             stages.extend(ResBlock(width) for _ in range(n_blocks))
         self.layers = nn.Sequential(*stages)
-        self.squeeze = conv_bn_relu(widths[-1], cfg.bottleneck_channels, 1)
+        self.squeeze = conv_relu(widths[-1], cfg.bottleneck_channels)
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(cfg.flat_dim, cfg.hidden_dim), nn.ReLU(inplace=True))
         self.mu = nn.Linear(cfg.hidden_dim, cfg.latent_dim)
         self.logvar = nn.Linear(cfg.hidden_dim, cfg.latent_dim)
@@ -173,7 +181,7 @@ class Decoder(nn.Module):
             nn.Linear(cfg.hidden_dim, cfg.flat_dim),
             nn.ReLU(inplace=True),
         )
-        self.unsqueeze = conv_bn_relu(cfg.bottleneck_channels, 8 * b, 1)
+        self.unsqueeze = conv_relu(cfg.bottleneck_channels, 8 * b)
         stages: list[nn.Module] = []
         for width in (4 * b, 2 * b, b):  # n/16 -> n/8 -> n/4 -> n/2
             stages += [up_bn_relu(2 * width, width), ResBlock(width)]
