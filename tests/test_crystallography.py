@@ -172,3 +172,25 @@ def test_euler_to_quaternion():
     # rotation by 90 deg about z: phi1 = 90 deg -> (cos 45, 0, 0, +-sin 45)
     q90 = euler_to_quaternion(np.radians([[90.0, 0.0, 0.0]]))[0]
     np.testing.assert_allclose(np.abs(q90), [np.sqrt(0.5), 0, 0, np.sqrt(0.5)], atol=1e-12)
+
+
+def test_component_fraction_gives_ves_textured_around_their_own_random_orientation():
+    from microfp.crystallography import grain_orientations
+
+    def spread_deg(euler: np.ndarray) -> float:
+        ori = damask.Orientation.from_Euler_angles(phi=euler.astype(np.float64), family="cubic")
+        return float(np.degrees(np.median(ori[0:1].disorientation_angle(ori[1:]))))
+
+    textured = SetSpec(n=4, component_fraction=1.0, spread_deg=2.0)
+    centres = []
+    for seed in range(3):
+        e = grain_orientations(textured, 30, np.random.default_rng(seed))
+        assert spread_deg(e) < 10  # one component per VE
+        centres.append(e[0])
+    centres_ori = damask.Orientation.from_Euler_angles(phi=np.array(centres, np.float64), family="cubic")
+    assert np.degrees(centres_ori[0:1].disorientation_angle(centres_ori[1:])).min() > 5  # random centres
+    # fraction 0 is the plain random texture, draw for draw (existing sets unchanged)
+    plain = SetSpec(n=4)
+    assert np.array_equal(grain_orientations(plain, 30, np.random.default_rng(7)),
+                          grain_orientations(SetSpec(n=4, component_fraction=0.0), 30, np.random.default_rng(7)))
+    assert spread_deg(grain_orientations(plain, 30, np.random.default_rng(7))) > 20

@@ -158,25 +158,56 @@ def test_kl_hand_value() -> None:
     assert kl_divergence(torch.zeros(3, 4), torch.zeros(3, 4)).item() == 0.0
 
 
-def test_vae_loss_normalises_kl_by_the_elements_of_a_ve() -> None:
-    # beta = 1, alpha = 1: the loss is the negative ELBO (summed BCE + per-sample KL) per element
-    x, x_hat = torch.rand(2, 3, 4, 4, 4), torch.rand(2, 3, 4, 4, 4).clamp(0.05, 0.95)
-    mu, logvar = torch.randn(2, 6), torch.randn(2, 6)
-    t = vae_loss(x_hat, x, mu, logvar, alpha=1.0, beta=1.0)
-    bce_sum = torch.nn.functional.binary_cross_entropy(x_hat, x, reduction="sum") / 2
-    kl_sum = (-0.5 * (1 + logvar - mu**2 - logvar.exp())).sum() / 2
-    assert t["loss"].item() == pytest.approx((bce_sum + kl_sum).item() / (3 * 4**3), rel=1e-5)
+def test_vae_loss_normalises_kl_by_the_elements_of_the_paper_ve() -> None:
+    # beta = 1, alpha = 1: at 64^3 the loss is the negative ELBO (summed BCE + per-sample KL) per element;
+    # the KL divisor stays 3 * 64^3 at other sizes, so beta means the same at every ve_size
+    for n in (4, 64):
+        x, x_hat = torch.rand(2, 3, n, n, n), torch.rand(2, 3, n, n, n).clamp(0.05, 0.95)
+        mu, logvar = torch.randn(2, 6), torch.randn(2, 6)
+        t = vae_loss(x_hat, x, mu, logvar, alpha=1.0, beta=1.0)
+        bce_sum = torch.nn.functional.binary_cross_entropy(x_hat, x, reduction="sum") / 2
+        kl_sum = (-0.5 * (1 + logvar - mu**2 - logvar.exp())).sum() / 2
+        expected = bce_sum.item() / (3 * n**3) + kl_sum.item() / (3 * 64**3)
+        assert t["loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_vae_loss_combines_terms() -> None:
     x, x_hat = torch.rand(2, 3, 4, 4, 4), torch.rand(2, 3, 4, 4, 4).clamp(0.05, 0.95)
     mu, logvar = torch.randn(2, 6), torch.randn(2, 6)
     t = vae_loss(x_hat, x, mu, logvar, alpha=0.9, beta=0.3)
-    assert t["recon"].item() == pytest.approx(0.9 * bce(x_hat, x).item() + 0.1 * fft_mse(x_hat, x).item(), rel=1e-5)
-    assert t["loss"].item() == pytest.approx(t["recon"].item() + 0.3 * kl_divergence(mu, logvar, 3 * 64).item(), rel=1e-5)
+    fft_at_64 = fft_mse(x_hat, x).item() * 64**3 / 4**3  # the FFT term per voxel, at the paper's 64^3
+    assert t["recon"].item() == pytest.approx(0.9 * bce(x_hat, x).item() + 0.1 * fft_at_64, rel=1e-5)
+    assert t["loss"].item() == pytest.approx(t["recon"].item() + 0.3 * kl_divergence(mu, logvar, 3 * 64**3).item(), rel=1e-5)
     # the mean reductions do not grow with the batch
     t2 = vae_loss(torch.cat([x_hat, x_hat]), torch.cat([x, x]), torch.cat([mu, mu]), torch.cat([logvar, logvar]), 0.9, 0.3)
     assert t2["loss"].item() == pytest.approx(t["loss"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("representation", ["euler", "quaternion"])
+def test_loss_of_the_same_ve_pair_is_independent_of_ve_size(representation: str) -> None:
+    # The same pair of VEs at 16^3 and at 32^3 (every voxel repeated 2 x 2 x 2): same loss terms.
+    x16 = torch.rand(2, 3, 16, 16, 16)
+    x_hat16 = (x16 + 0.2 * torch.randn_like(x16)).clamp(0.02, 0.98)
+    up = lambda t: t.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)  # noqa: E731
+    mu, logvar = torch.randn(2, 5), torch.randn(2, 5)
+    terms = {}
+    for n, (x, x_hat) in ((16, (x16, x_hat16)), (32, (up(x16), up(x_hat16)))):
+        vae = VAE(VAEConfig(encoder="resnet12", ve_size=n, representation=representation, **TINY))
+        r, r_hat = vae.represent(x), vae.represent(x_hat)
+        terms[n] = vae_loss(r_hat, r, mu, logvar, alpha=0.9, beta=0.1, representation=representation)
+    for key, value in terms[16].items():
+        assert terms[32][key].item() == pytest.approx(value.item(), rel=1e-4), key
+    assert terms[16]["recon"].item() > 0.01  # a real difference, not two zeros
+
+
+def test_quaternion_vae_reads_and_returns_euler_fields() -> None:
+    vae = VAE(VAEConfig(encoder="resnet12", ve_size=16, representation="quaternion", crystal="hexagonal", **TINY)).eval()
+    x = torch.rand(2, 3, 16, 16, 16)
+    r = vae.represent(x)
+    assert r.shape == (2, 4, 16, 16, 16)
+    assert torch.allclose(r.norm(dim=1), torch.ones(2, 16, 16, 16), atol=1e-5)
+    x_hat = vae.decode(vae.encode(x)[0])
+    assert x_hat.shape == x.shape and float(x_hat.min()) >= 0 and float(x_hat.max()) <= 1
 
 
 def test_vae_loss_is_float32_under_bf16_autocast() -> None:
@@ -203,9 +234,9 @@ def _conv_formula(cfg: VAEConfig) -> tuple[int, int]:
     enc = 343 * 3 * b + 2 * b  # stem k7
     enc += sum(n * block(w) for n, w in zip(BLOCKS[cfg.encoder], widths))
     enc += sum(27 * widths[i] * widths[i + 1] + 2 * widths[i + 1] for i in range(3))  # strided convs
-    enc += 8 * b * c + 2 * c  # 1x1 squeeze
+    enc += 8 * b * c + c  # 1x1 squeeze (bias, no BN)
     head = max(b // 2, 4)
-    dec = c * 8 * b + 2 * 8 * b  # 1x1 unsqueeze
+    dec = c * 8 * b + 8 * b  # 1x1 unsqueeze (bias, no BN)
     dec += sum(64 * 2 * w * w + 2 * w + block(w) for w in (4 * b, 2 * b, b))  # ConvT k4 + BN + ResBlock
     dec += 64 * b * head + 2 * head + 27 * head * 3 + 3  # last ConvT, final conv (with bias)
     return enc, dec

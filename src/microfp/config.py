@@ -58,6 +58,11 @@ class SetSpec(_Strict):
     )
     texture: Literal["random", "brass", "copper", "cube", "goss"] = "random"
     spread_deg: float = Field(2.0, ge=0, le=90, description="std of the Euler-angle noise, degrees")
+    component_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="random-texture sets: share of VEs whose grains scatter (spread_deg) around one random "
+        "orientation of their own (a random texture component); 0 = all uniformly random (paper)",
+    )
     crystal: CrystalFamily = "cubic"
 
     @field_validator("esd_mean")
@@ -105,6 +110,15 @@ class TrainParams(_Strict):
     alpha: float = Field(0.999, ge=0, le=1, description="weight of BCE vs FFT-MSE")
     beta: float = Field(1.0, ge=0, description="weight of the KL term; 1 = standard VAE (ELBO per voxel)")
     beta_warmup_epochs: int = Field(0, ge=0, description="linear KL warm-up from 0 over these epochs")
+    representation: Literal["euler", "quaternion"] = Field(
+        "euler",
+        description="euler: 3 normalised Bunge angles, BCE + FFT loss (paper); quaternion: fundamental-zone "
+        "quaternions, loss on the disorientation reduced by the crystal symmetry",
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: linear warm-up over warmup_fraction of the steps, then cosine decay to 0"
+    )
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the optimizer steps spent warming up")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | Literal["auto"] = "auto"
     num_nodes: int = Field(1, gt=0)

@@ -230,12 +230,18 @@ def grain_orientations(spec: SetSpec, n_grains: int, rng: np.random.Generator) -
     """One orientation per grain for a set: random or textured, reduced to the FZ, float32.
 
     Random texture samples SO(3) uniformly; a named texture scatters around its Table 2 centre
-    with ``spec.spread_deg`` (:func:`textured_euler`). Reduction uses ``spec.crystal``.
+    with ``spec.spread_deg`` (:func:`textured_euler`); with ``spec.component_fraction`` > 0 that share
+    of random-texture VEs scatters around a random centre of its own. Reduction uses ``spec.crystal``.
 
     Returns:
         ``(n_grains, 3)`` float32 Bunge radians, every row in the FZ (damask ``in_FZ``).
     """
-    if spec.texture == "random":
+    if spec.texture == "random" and spec.component_fraction > 0 and rng.random() < spec.component_fraction:
+        # a texture component of the VE's own, at a uniformly random orientation (training data that
+        # teaches the VAE textures without showing it the named components of the test sets)
+        center = np.degrees(random_euler(1, rng)[0])
+        raw = textured_euler(center, spec.spread_deg, n_grains, rng)
+    elif spec.texture == "random":
         raw = random_euler(n_grains, rng)
     else:
         raw = textured_euler(TEXTURES_DEG[spec.texture], spec.spread_deg, n_grains, rng)

@@ -23,7 +23,9 @@ the reconstruction is the VAE's normalised output times (2 pi, pi, 2 pi)):
 Each VE gets the mean over its voxels; a set gets the mean and standard deviation over its VEs (the
 paper's ``mean +- std``). Keys per set: ``n_ves``, ``phi4_mean``, ``phi4_std``,
 ``disorientation_deg_mean``/``_std``/``_median``, ``within_5deg`` (fraction of voxels within 5 degrees)
-and, as a yardstick, ``reference_phi4_mean``/``reference_disorientation_deg_mean``: the same metrics
+``mean_field_phi4_mean``/``mean_field_disorientation_deg_mean``: the score of the set's mean field
+(per voxel the mean orientation of its VEs, :func:`mean_field`, returned for every VE: what a model
+that ignores its input gets at best; a collapsed VAE scores about this or worse) and, as a yardstick, ``reference_phi4_mean``/``reference_disorientation_deg_mean``: the same metrics
 between each VE and the previous VE of its set, i.e. a "reconstruction" that knows the set's texture
 but nothing of the VE (for a random cubic texture the disorientation is ~40.7 degrees, Mackenzie). Everything is vectorised over voxels and VEs; there is no Python loop over
 voxels. All files are written atomically.
@@ -46,6 +48,14 @@ import typer
 from microfp.atomic import save_figure, write_json
 from microfp.config import Params, load_params
 from microfp.errors import MicrofpError
+from microfp.rotations import (
+    align_to,
+    disorientation_cos_half,
+    euler_field_to_quaternion,
+    quaternion_field_to_euler,
+    quaternion_multiply,
+)
+from microfp.rotations import euler_to_quaternion as euler_to_quaternion_t
 from microfp.shards import EULER_SCALE, ShardError, read_shard, shard_paths
 
 __all__ = [
@@ -66,7 +76,6 @@ __all__ = [
 ]
 
 DEFAULT_DATA = Path("data/ves")
-_P = -1.0  # damask's sign convention of the quaternion product and of the Euler conversion (P = -1)
 
 
 def _say(msg: str, stage: str = "evaluate") -> None:
@@ -75,33 +84,6 @@ def _say(msg: str, stage: str = "evaluate") -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Orientation metrics (torch, any device, any batch shape)
-
-
-def euler_to_quaternion_t(euler: torch.Tensor) -> torch.Tensor:
-    """Unit quaternions ``(w, x, y, z)`` of Bunge Euler angles, damask's ``Rotation.from_Euler_angles``.
-
-    ``euler`` ``(..., 3)`` radians (any real values) -> ``(..., 4)`` with ``w >= 0`` (damask's
-    standard hemisphere), same dtype and device.
-    """
-    e = 0.5 * euler
-    c_big, s_big = torch.cos(e[..., 1]), torch.sin(e[..., 1])
-    plus, minus = e[..., 0] + e[..., 2], e[..., 0] - e[..., 2]
-    q = torch.stack(
-        [c_big * torch.cos(plus), -_P * s_big * torch.cos(minus), -_P * s_big * torch.sin(minus),
-         -_P * c_big * torch.sin(plus)],
-        dim=-1,
-    )
-    return torch.where(q[..., :1] < 0, -q, q)
-
-
-def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Composition ``a * b`` (first ``b``, then ``a``) with damask's convention (``P = -1``), not
-    standardised to ``w >= 0``. ``(..., 4)`` each, broadcast."""
-    aw, av = a[..., :1], a[..., 1:]
-    bw, bv = b[..., :1], b[..., 1:]
-    w = aw * bw - (av * bv).sum(-1, keepdim=True)
-    v = aw * bv + bw * av + _P * torch.linalg.cross(av, bv, dim=-1)
-    return torch.cat([w, v], dim=-1)
 
 
 def phi4(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
@@ -120,18 +102,7 @@ def disorientation_angle(q1: torch.Tensor, q2: torch.Tensor, family: str) -> tor
     ``max(m1, m2, m1 sqrt3/2 + m4/2, m2 sqrt3/2 + m3/2)`` with ``m1 >= m4`` the sorted ``(|w|, |z|)``
     and ``m2 >= m3`` the sorted ``(|x|, |y|)``. The angle is ``2 acos`` of it.
     """
-    conj = q2 * q2.new_tensor([1.0, -1.0, -1.0, -1.0])
-    a = quaternion_multiply(q1, conj).abs()
-    if family == "cubic":
-        top2 = torch.topk(a, 2, dim=-1).values
-        trace = torch.maximum(a.sum(-1) * 0.5, torch.maximum(top2[..., 0], top2.sum(-1) * (math.sqrt(2.0) / 2.0)))
-    elif family == "hexagonal":
-        m1, m4 = torch.maximum(a[..., 0], a[..., 3]), torch.minimum(a[..., 0], a[..., 3])
-        m2, m3 = torch.maximum(a[..., 1], a[..., 2]), torch.minimum(a[..., 1], a[..., 2])
-        s3 = math.sqrt(3.0) / 2.0
-        trace = torch.maximum(torch.maximum(m1, m2), torch.maximum(m1 * s3 + m4 * 0.5, m2 * s3 + m3 * 0.5))
-    else:
-        raise MicrofpError(f"crystal family must be cubic or hexagonal, got {family!r}")
+    trace = disorientation_cos_half(q1, q2, family)
     return 2.0 * torch.arccos(trace.clamp(max=1.0))
 
 
@@ -259,6 +230,27 @@ def iter_set_batches(
         seen += n
 
 
+def mean_field(x: torch.Tensor, crystal: str, iterations: int = 3) -> torch.Tensor:
+    """The set's mean field ``(1, 3, n, n, n)`` of normalised Euler fields ``x`` ``(B, 3, n, n, n)``: per
+    voxel the mean orientation of the VEs (each aligned to the running mean by the crystal symmetry,
+    then averaged as quaternions), as normalised Euler angles. The best single output of a model that
+    ignores its input (for a textured set about the texture component; a plain mean of Euler angles
+    or of fundamental-zone quaternions breaks where orientations straddle a periodic or zone boundary)."""
+    q = euler_field_to_quaternion(x.double(), crystal)  # (B, 4, n, n, n)
+    ref = q[:1]
+    for _ in range(iterations):
+        ref = torch.nn.functional.normalize(align_to(q, ref, crystal, dim=1).sum(0, keepdim=True), dim=1)
+    return quaternion_field_to_euler(ref, crystal).to(x.dtype)
+
+
+def set_mean_field(set_dir: str | Path, batch_size: int, limit: int | None, ve_size: int) -> torch.Tensor:
+    """:func:`mean_field` of the first ``limit`` VEs of a set directory."""
+    batches = list(iter_set_batches(set_dir, batch_size, limit, ve_size))
+    if not batches:
+        raise ShardError(f"{set_dir}: no VEs to evaluate")
+    return mean_field(torch.cat([b.x for b in batches]), batches[0].crystal)
+
+
 def load_model(checkpoint: str | Path, params: Params, device: torch.device) -> Any:
     """The trained VAE of ``checkpoint`` (architecture checked against ``params``), eval mode, on
     ``device``. One-line :class:`microfp.train.CheckpointError` when missing, corrupt or mismatched."""
@@ -310,6 +302,11 @@ def _summary(per_ve: dict[str, np.ndarray]) -> dict[str, float]:
         "disorientation_deg_median": float(np.median(d)),
         "within_5deg": float(w.mean()),
     }
+    if len(per_ve["mf_phi4"]):
+        # The set's mean field (per-voxel mean of its normalised Euler fields) as the reconstruction of
+        # every VE: what a model that ignores its input gets (a collapsed VAE scores about this).
+        out["mean_field_phi4_mean"] = float(per_ve["mf_phi4"].mean())
+        out["mean_field_disorientation_deg_mean"] = float(per_ve["mf_disorientation_deg"].mean())
     if len(per_ve["ref_phi4"]):
         # Reference "reconstruction" that knows the set but not the VE: the previous VE of the set.
         out["reference_phi4_mean"] = float(per_ve["ref_phi4"].mean())
@@ -334,8 +331,10 @@ def evaluate(
     results: dict[str, dict[str, float]] = {}
     for name in sets:
         per_ve: dict[str, list[np.ndarray]] = {
-            "phi4": [], "disorientation_deg": [], "within_5deg": [], "ve_id": [], "ref_phi4": [], "ref_disorientation_deg": []
+            "phi4": [], "disorientation_deg": [], "within_5deg": [], "ve_id": [], "ref_phi4": [], "ref_disorientation_deg": [],
+            "mf_phi4": [], "mf_disorientation_deg": [],
         }
+        mean_field = set_mean_field(Path(data) / name, ev.batch_size, ev.max_ves_per_set, params.ve_size).to(device)
         previous: torch.Tensor | None = None  # last VE of the previous batch
         examples: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
         crystal = "cubic"
@@ -347,6 +346,9 @@ def evaluate(
             for key in ("phi4", "disorientation_deg", "within_5deg"):
                 per_ve[key].append(m[key].cpu().numpy())
             per_ve["ve_id"].append(batch.ve_id)
+            mf = reconstruction_metrics(x, mean_field.expand_as(x).contiguous(), batch.crystal)
+            per_ve["mf_phi4"].append(mf["phi4"].cpu().numpy())
+            per_ve["mf_disorientation_deg"].append(mf["disorientation_deg"].cpu().numpy())
             shifted = torch.cat([previous, x[:-1]]) if previous is not None else x[:-1]
             if len(shifted):
                 ref = reconstruction_metrics(x[len(x) - len(shifted):], shifted, batch.crystal)
@@ -360,8 +362,10 @@ def evaluate(
                                      m["phi4_map"][i, :, :, mid].cpu().numpy(), int(batch.ve_id[i])))
         arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per_ve.items()}
         results[name] = _summary(arrays)
-        _say(f"{name}: {results[name]['n_ves']} VEs ({crystal}), phi4 {results[name]['phi4_mean']:.4f} "
-             f"+- {results[name]['phi4_std']:.4f}, disorientation {results[name]['disorientation_deg_mean']:.2f} deg")
+        r = results[name]
+        _say(f"{name}: {r['n_ves']} VEs ({crystal}), phi4 {r['phi4_mean']:.4f} +- {r['phi4_std']:.4f}, "
+             f"disorientation {r['disorientation_deg_mean']:.2f} deg (mean field: {r['mean_field_phi4_mean']:.4f}, "
+             f"{r['mean_field_disorientation_deg_mean']:.2f} deg)")
         if plots is not None:
             plot_reconstruction(Path(plots) / f"{name}.png", name, examples, arrays["phi4"], results[name])
     write_json(metrics, results)

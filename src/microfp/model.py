@@ -11,10 +11,10 @@ Shapes (``b`` = ``base_channels``, ``s = n / 16``, ``c`` = ``bottleneck_channels
              layer 3   blocks[2] x ResBlock(4b)                n/8
              down      conv k3 s2, 4b -> 8b                    n/16
              layer 4   blocks[3] x ResBlock(8b)                n/16
-             squeeze   conv k1, 8b -> c                        (the lean bottleneck, see below)
+             squeeze   conv k1 (bias, no BN), 8b -> c          (the lean bottleneck, see below)
              flatten -> Linear(c s^3, hidden) -> ReLU -> Linear(hidden, latent) twice: mu, ln(sigma^2)
     z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) per sample, only in training; eval: z = mu
-    decoder  Linear(latent, hidden) -> ReLU -> Linear(hidden, c s^3) -> ReLU -> conv k1, c -> 8b
+    decoder  Linear(latent, hidden) -> ReLU -> Linear(hidden, c s^3) -> ReLU -> conv k1 (bias), c -> 8b
              3 x [ConvTranspose k4 s2 (halving channels) + BN + ReLU, ResBlock]   n/16 -> n/2
              ConvTranspose k4 s2, b -> b/2 + BN + ReLU, conv k3, b/2 -> 3, sigmoid        n
 
@@ -33,10 +33,15 @@ reductions.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from microfp.errors import MicrofpError
+from microfp.rotations import euler_field_to_quaternion, quaternion_field_to_euler, symmetric_misorientation_loss
 
 BLOCKS: dict[str, tuple[int, int, int, int]] = {
     # Table 3 of the paper: residual blocks in each of the 4 layers.
@@ -44,6 +49,13 @@ BLOCKS: dict[str, tuple[int, int, int, int]] = {
     "resnet18": (2, 2, 2, 2),
     "resnet34": (3, 4, 6, 3),
 }
+CHANNELS: dict[str, int] = {"euler": 3, "quaternion": 4}
+LOGVAR_INIT = -6.0  # initial ln(sigma^2) of q(z | x): sigma = 0.05 (see Encoder)
+LOGVAR_RANGE = (-30.0, 20.0)  # ln(sigma^2) is clamped to it: exp() stays finite (no inf KL)
+# Reference size of the loss normalisation: the paper's 64^3 VE with 3 channels. The FFT term and the
+# KL term are scaled to it, so that alpha and beta mean the same at every ve_size (see vae_loss).
+REF_VOXELS = 64**3
+REF_ELEMENTS = 3 * REF_VOXELS
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,14 @@ class VAEConfig:
     hidden_dim: int = 8192
     base_channels: int = 64
     bottleneck_channels: int = 32
+    representation: str = "euler"  # "euler": 3 normalised angles (paper); "quaternion": 4 channels, FZ
+    crystal: str = "cubic"  # symmetry of the quaternion representation and its loss
 
     def __post_init__(self) -> None:
+        if self.representation not in CHANNELS:
+            raise ValueError(f"representation must be one of {', '.join(CHANNELS)}, got {self.representation!r}")
+        if self.crystal not in ("cubic", "hexagonal"):
+            raise ValueError(f"crystal must be cubic or hexagonal, got {self.crystal!r}")
         if self.encoder not in BLOCKS:
             raise ValueError(f"encoder must be one of {', '.join(BLOCKS)}, got {self.encoder!r}")
         if self.ve_size < 16 or self.ve_size % 16:
@@ -71,6 +89,11 @@ class VAEConfig:
         """Features entering the hidden layer: bottleneck_channels * (ve_size / 16)^3."""
         return self.bottleneck_channels * (self.ve_size // 16) ** 3
 
+    @property
+    def channels(self) -> int:
+        """Channels per voxel the network sees and returns: 3 (Euler) or 4 (quaternion)."""
+        return CHANNELS[self.representation]
+
     def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
@@ -81,6 +104,14 @@ def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequen
         nn.BatchNorm3d(cout),
         nn.ReLU(inplace=True),
     )
+
+
+def conv_relu(cin: int, cout: int) -> nn.Sequential:
+    """1x1x1 convolution with bias, ReLU: the lean bottleneck's squeeze / unsqueeze. No BatchNorm there:
+    at n/16 voxels per edge (1-4) its batch statistics standardise each VE against the other VEs of a
+    batch of 8, which erases the absolute orientation the fingerprint must carry (issue 11: with it a
+    tiny model does not beat its set's mean field; without it, it does)."""
+    return nn.Sequential(nn.Conv3d(cin, cout, 1), nn.ReLU(inplace=True))
 
 
 def up_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -115,21 +146,26 @@ class Encoder(nn.Module):
         super().__init__()
         b = cfg.base_channels
         widths = [b, 2 * b, 4 * b, 8 * b]
-        self.stem = conv_bn_relu(3, b, 7, stride=2)
+        self.stem = conv_bn_relu(cfg.channels, b, 7, stride=2)
         stages: list[nn.Module] = []
         for i, (width, n_blocks) in enumerate(zip(widths, BLOCKS[cfg.encoder])):
             if i > 0:  # a separate strided convolution between layers: halve size, double channels
                 stages.append(conv_bn_relu(widths[i - 1], width, 3, stride=2))
             stages.extend(ResBlock(width) for _ in range(n_blocks))
         self.layers = nn.Sequential(*stages)
-        self.squeeze = conv_bn_relu(widths[-1], cfg.bottleneck_channels, 1)
+        self.squeeze = conv_relu(widths[-1], cfg.bottleneck_channels)
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(cfg.flat_dim, cfg.hidden_dim), nn.ReLU(inplace=True))
         self.mu = nn.Linear(cfg.hidden_dim, cfg.latent_dim)
         self.logvar = nn.Linear(cfg.hidden_dim, cfg.latent_dim)
+        # Start as a (nearly) deterministic autoencoder: sigma = exp(LOGVAR_INIT / 2) = 0.05 for every
+        # input. With the default init sigma ~ 1 drowns mu (~0.1) in noise, the decoder learns to ignore
+        # z, the encoder gets no gradient and the latent collapses (KL -> 0) within a few hundred steps.
+        nn.init.zeros_(self.logvar.weight)
+        nn.init.constant_(self.logvar.bias, LOGVAR_INIT)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.hidden(self.squeeze(self.layers(self.stem(x))))
-        return self.mu(h), self.logvar(h)
+        return self.mu(h), self.logvar(h).clamp(*LOGVAR_RANGE)
 
 
 class Decoder(nn.Module):
@@ -145,21 +181,30 @@ class Decoder(nn.Module):
             nn.Linear(cfg.hidden_dim, cfg.flat_dim),
             nn.ReLU(inplace=True),
         )
-        self.unsqueeze = conv_bn_relu(cfg.bottleneck_channels, 8 * b, 1)
+        self.unsqueeze = conv_relu(cfg.bottleneck_channels, 8 * b)
         stages: list[nn.Module] = []
         for width in (4 * b, 2 * b, b):  # n/16 -> n/8 -> n/4 -> n/2
             stages += [up_bn_relu(2 * width, width), ResBlock(width)]
         head = max(b // 2, 4)
-        stages += [up_bn_relu(b, head), nn.Conv3d(head, 3, 3, padding=1)]  # n/2 -> n, 3 channels
+        stages += [up_bn_relu(b, head), nn.Conv3d(head, cfg.channels, 3, padding=1)]  # n/2 -> n
         self.layers = nn.Sequential(*stages)
+        self.euler = cfg.representation == "euler"
 
     def forward(self, z: Tensor) -> Tensor:
+        """Raw output in the representation: Euler in (0, 1) (sigmoid) or unnormalised quaternions."""
         h = self.dense(z).view(z.shape[0], *self.shape)
-        return torch.sigmoid(self.layers(self.unsqueeze(h)))
+        out = self.layers(self.unsqueeze(h))
+        return torch.sigmoid(out) if self.euler else out
 
 
 class VAE(nn.Module):
-    """The 3D ResNet VAE. ``forward(x) -> (x_hat, mu, logvar)``; fingerprint = ``encode(x)[0]``."""
+    """The 3D ResNet VAE. ``forward(x) -> (x_hat, mu, logvar)``; fingerprint = ``encode(x)[0]``.
+
+    ``encode`` takes and ``decode`` returns the normalised Euler field ``(B, 3, n, n, n)`` whatever the
+    representation, so evaluation and fingerprints do not depend on it. Inside, a ``quaternion`` VAE
+    works on fundamental-zone quaternion fields ``(B, 4, n, n, n)`` (:meth:`represent`, :meth:`decode_raw`);
+    ``forward`` returns the reconstruction in the representation (what :func:`vae_loss` compares with
+    ``represent(x)``)."""
 
     def __init__(self, cfg: VAEConfig | None = None, **kwargs: int | str) -> None:
         super().__init__()
@@ -167,12 +212,30 @@ class VAE(nn.Module):
         self.encoder = Encoder(self.cfg)
         self.decoder = Decoder(self.cfg)
 
+    def represent(self, x: Tensor) -> Tensor:
+        """Normalised Euler field (B, 3, n, n, n) -> the network's input/target (B, C, n, n, n)."""
+        if self.cfg.representation == "euler":
+            return x
+        return euler_field_to_quaternion(x.float(), self.cfg.crystal).to(x.dtype)
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(mu, logvar) of q(z | x); ``mu`` is the fingerprint."""
-        return self.encoder(x)
+        """(mu, logvar) of q(z | x) for a normalised Euler field x; ``mu`` is the fingerprint."""
+        return self.encode_raw(self.represent(x))
+
+    def encode_raw(self, r: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of an input already in the representation (:meth:`represent`)."""
+        return self.encoder(r)
+
+    def decode_raw(self, z: Tensor) -> Tensor:
+        """(B, C, n, n, n) reconstruction in the representation."""
+        return self.decoder(z)
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z)
+        """(B, 3, n, n, n) normalised Euler field in [0, 1] (fundamental zone for quaternions)."""
+        out = self.decoder(z)
+        if self.cfg.representation == "euler":
+            return out
+        return quaternion_field_to_euler(out, self.cfg.crystal)
 
     def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
         """z = mu + sigma * eps with eps ~ N(0, I) drawn per sample and dimension, in training only."""
@@ -180,9 +243,10 @@ class VAE(nn.Module):
             return mu
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+    def forward(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``r`` in the representation (:meth:`represent`) -> (reconstruction in it, mu, logvar)."""
+        mu, logvar = self.encode_raw(r)
+        return self.decode_raw(self.reparameterize(mu, logvar)), mu, logvar
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,19 +286,20 @@ def dense_param_formula(cfg: VAEConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 # Loss (pure functions of tensors; computed in float32 even under autocast)
 #
-# Reductions: every term is a mean, so that it does not grow with the batch size.
+# Reductions: every term is a mean, so that it does not grow with the batch size, and every term is
+# normalised so that its weight (alpha, beta) means the same at every ve_size: as at the paper's 64^3.
 #   bce  : eq. 2 of the paper divided by m, i.e. the mean over all B * 3 * n^3 elements.
-#   fft  : eq. 3 of the paper as written, (1/m) sum_j |F(x)_j - F(x_hat)_j|^2 over the unnormalised 3D
-#          FFT of each sample and channel, averaged over the batch as well. By Parseval it equals
-#          n^3 * MSE(x, x_hat), which is why it is 1e4-1e5 times the BCE at 64^3 and why alpha = 0.999.
-#          (Its weight relative to the BCE therefore grows with n^3: 8x smaller at 32^3 than at 64^3.)
+#   fft  : eq. 3 of the paper, (1/m) sum_j |F(x)_j - F(x_hat)_j|^2 over the unnormalised 3D FFT of each
+#          sample and channel (fft_mse), which by Parseval is n^3 * MSE(x, x_hat); vae_loss scales it by
+#          64^3 / n^3, i.e. it is 64^3 * MSE at every ve_size: the paper's term at 64^3 (hence its
+#          alpha = 0.999), the same per-voxel weight at 32^3 (unscaled it would weigh 8x less there).
 #          The reference code's fftshift is a permutation of the modes and does not change this MSE.
+#   mis  : (quaternion representation) mean over voxels of 1 - cos(omega / 2), omega the disorientation
+#          reduced by the crystal symmetry (cubic 432 / hexagonal 622): the symmetry-aware phi4.
 #   kl   : KL(N(mu, sigma^2) || N(0, I)) summed over the latent dimensions (the textbook per-sample
-#          KL), divided by the same m = 3 n^3 elements of a VE and averaged over the batch. With this
-#          1/m the loss is the negative ELBO per element (alpha = 1), so beta = 1 is the standard VAE
-#          and beta != 1 a beta-VAE, at any ve_size. (Per latent dimension, beta = 1 weighs the KL by
-#          latent_dim / m: 256 / 786432 = 3.3e-4 at 64^3.)
-
+#          KL), divided by the m = 3 * 64^3 elements of the paper's VE and averaged over the batch. At
+#          64^3 with alpha = 1 the loss is the negative ELBO per element (beta = 1: the standard VAE);
+#          the fixed divisor keeps beta's meaning at other ve_size.
 
 def bce(x_hat: Tensor, x: Tensor, eps: float = 1e-7) -> Tensor:
     """Binary cross-entropy, eq. 2 / m: mean of -[x log x_hat + (1 - x) log(1 - x_hat)].
@@ -268,20 +333,106 @@ def beta_at(epoch: int, beta: float, warmup_epochs: int) -> float:
     return beta * min(1.0, epoch / warmup_epochs)
 
 
+def loss_terms(representation: str) -> tuple[str, ...]:
+    """Names of the terms :func:`vae_loss` returns for a representation (the columns of the curves)."""
+    return ("loss", "recon", "bce", "fft", "kl") if representation == "euler" else ("loss", "recon", "mis", "kl")
+
+
 def vae_loss(
-    x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, alpha: float = 0.999, beta: float = 1.0
+    x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, alpha: float = 0.999, beta: float = 1.0,
+    representation: str = "euler", crystal: str = "cubic",
 ) -> dict[str, Tensor]:
-    """All terms: ``loss`` = ``recon`` + beta * ``kl``, ``recon`` = alpha * ``bce`` + (1 - alpha) * ``fft``
-    (eq. 4). Autocast is switched off here: the terms are computed in float32."""
+    """All terms of a batch: ``loss`` = ``recon`` + beta * ``kl``, with ``recon`` = alpha * ``bce`` +
+    (1 - alpha) * ``fft`` (eq. 4, Euler fields (B, 3, n, n, n) in [0, 1]) or ``recon`` = ``mis``
+    (quaternion fields (B, 4, n, n, n); ``x`` unit, ``x_hat`` raw). ``mu``, ``logvar`` (B, latent).
+    Autocast is switched off here: the terms are computed in float32."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        m = x[0].numel()  # elements of one VE: 3 n^3
-        terms = {"bce": bce(x_hat, x), "fft": fft_mse(x_hat, x), "kl": kl_divergence(mu, logvar, m)}
-        terms["recon"] = alpha * terms["bce"] + (1 - alpha) * terms["fft"]
+        if representation == "euler":
+            fft = fft_mse(x_hat, x) * (REF_VOXELS / x[0, 0].numel())
+            terms = {"bce": bce(x_hat, x), "fft": fft}
+            terms["recon"] = alpha * terms["bce"] + (1 - alpha) * terms["fft"]
+        elif representation == "quaternion":
+            terms = {"mis": symmetric_misorientation_loss(x_hat, x, crystal)}
+            terms["recon"] = terms["mis"]
+        else:
+            raise ValueError(f"representation must be one of {', '.join(CHANNELS)}, got {representation!r}")
+        terms["kl"] = kl_divergence(mu, logvar, REF_ELEMENTS)
         terms["loss"] = terms["recon"] + beta * terms["kl"]
     return terms
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+#
+# best.ckpt (what `dvc pull` fetches for evaluate / fingerprint / surrogate) holds the VAE's weights and
+# its one architecture dict: {"model_config": VAEConfig.as_dict(), "state_dict": {...}}. Lightning's
+# last.ckpt (resume) holds the training state too; its architecture is hyper_parameters["model"].
+
+
+class CheckpointError(MicrofpError):
+    """A checkpoint that is missing, unreadable or of another architecture (one line)."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU; :class:`CheckpointError` (one line) when missing, corrupt or
+    not a microfp VAE checkpoint (either form above)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint (run `microfp train` or `dvc pull models/vae`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    try:
+        model_of_checkpoint(ckpt)
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{path}: not a microfp VAE checkpoint (no model config)") from None
+    return ckpt
+
+
+def model_of_checkpoint(ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(model config dict, VAE state dict) of a loaded checkpoint of either form."""
+    if "model_config" in ckpt:
+        return dict(ckpt["model_config"]), ckpt["state_dict"]
+    model = dict(ckpt["hyper_parameters"]["model"])
+    state = {k[len("vae.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
+    return model, state
+
+
+def weights_only_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The reader's checkpoint of a Lightning one: weights (contiguous CPU copies) and model config."""
+    model, state = model_of_checkpoint(ckpt)
+    return {"model_config": model, "state_dict": {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}}
+
+
+def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> "VAE":
+    """The :class:`VAE` of a checkpoint, rebuilt from its one model config, CPU, eval mode.
+
+    ``expect``: architecture fields that must match (e.g. those of params.yaml); the first difference
+    is a :class:`CheckpointError` like ``best.ckpt: trained with latent_dim=64, params.yaml has 512``.
+    """
+    path = Path(path)
+    model, state = model_of_checkpoint(read_checkpoint(path))
+    for key, want in (expect or {}).items():
+        if model.get(key, VAEConfig.__dataclass_fields__[key].default) != want:
+            have = model.get(key, VAEConfig.__dataclass_fields__[key].default)
+            raise CheckpointError(f"{path}: trained with {key}={have}, params.yaml has {want}")
+    try:
+        vae = VAE(VAEConfig(**model))
+        vae.load_state_dict(state)
+    except (ValueError, RuntimeError, TypeError) as err:
+        reason = str(err).splitlines()[0][:200]
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({reason})") from None
+    return vae.eval()
+
+
 __all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "model_of_checkpoint",
+    "read_checkpoint",
+    "weights_only_checkpoint",
     "BLOCKS",
     "VAE",
     "VAEConfig",
@@ -290,6 +441,7 @@ __all__ = [
     "dense_param_formula",
     "fft_mse",
     "kl_divergence",
+    "loss_terms",
     "param_count",
     "vae_loss",
 ]

@@ -44,18 +44,24 @@ from torch.utils.data import DataLoader, Dataset
 from microfp.atomic import atomic_output, write_json, write_text
 from microfp.config import Params, TrainParams, load_params
 from microfp.errors import MicrofpError
-from microfp.model import VAE, VAEConfig, beta_at, param_count, vae_loss
-from microfp.shards import ShardError, euler_field, read_shard, shard_paths, shard_shape
+from microfp.model import (
+    VAE,
+    CheckpointError,
+    VAEConfig,
+    beta_at,
+    load_checkpoint,
+    loss_terms,
+    model_of_checkpoint,
+    param_count,
+    read_checkpoint,
+    vae_loss,
+    weights_only_checkpoint,
+)
+from microfp.shards import ShardError, euler_field, read_attrs, read_shard, shard_paths, shard_shape
 from microfp.tracking import flatten, run_tags, tracking_uri
 
-ARCH_KEYS = ("encoder", "ve_size", "latent_dim", "hidden_dim", "base_channels", "bottleneck_channels")
-TERMS = ("loss", "recon", "bce", "fft", "kl")
-CURVE_COLUMNS = ["epoch", "beta"] + [f"{split}_{t}" for split in ("train", "val") for t in TERMS]
 MLFLOW_EXPERIMENT = "microfp-train"
-
-
-class CheckpointError(MicrofpError):
-    """A checkpoint that is missing, unreadable or of another architecture (one line)."""
+BEST = "best.ckpt"
 
 
 def _say(msg: str) -> None:
@@ -89,6 +95,10 @@ class ShardDataset(Dataset):
         self._sets = [read_shard(p) for p in self.paths] if self.cached else None
         self._files: dict[int, h5py.File] = {}
         self._pid = os.getpid()
+        families = {str(read_attrs(p).get("crystal", "cubic")) for p in self.paths}
+        if len(families) != 1:
+            raise ShardError(f"{self.directory}: shards of several crystal families ({', '.join(sorted(families))})")
+        self.crystal = families.pop()
 
     @staticmethod
     def _inspect(path: Path, ve_size: int) -> int:
@@ -192,30 +202,39 @@ class ShardDataModule(L.LightningDataModule):
 # Model
 
 
+def lr_factor(step: int, total: int, schedule: str, warmup_fraction: float) -> float:
+    """Multiplier of ``train.lr`` at optimizer step ``step`` (0-based) of ``total``: 1 for ``constant``;
+    for ``cosine`` a linear warm-up from 1/warm-up steps to 1 over ``warmup_fraction * total`` steps,
+    then a half cosine down to 0 at ``total``."""
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    warm = int(round(warmup_fraction * total))
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class VAEModule(L.LightningModule):
-    """The VAE with its loss and optimizer. Hyperparameters (architecture included) are saved in
-    every checkpoint under ``hyper_parameters``."""
+    """The VAE with its loss and optimizer. The architecture is one dict, ``model`` (the fields of
+    :class:`VAEConfig`), saved once in every checkpoint; the other hyperparameters are the training's."""
 
     def __init__(
         self,
-        encoder: str = "resnet18",
-        ve_size: int = 64,
-        latent_dim: int = 256,
-        hidden_dim: int = 8192,
-        base_channels: int = 64,
-        bottleneck_channels: int = 32,
+        model: dict[str, Any],
         lr: float = 1e-5,
         weight_decay: float = 1e-5,
         alpha: float = 0.999,
         beta: float = 1.0,
         beta_warmup_epochs: int = 0,
+        lr_schedule: str = "constant",
+        warmup_fraction: float = 0.05,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        cfg = VAEConfig(encoder, ve_size, latent_dim, hidden_dim, base_channels, bottleneck_channels)
-        self.vae = VAE(cfg)
+        self.vae = VAE(VAEConfig(**model))
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         if channels_last:
             self.vae.to(memory_format=torch.channels_last_3d)
@@ -223,26 +242,25 @@ class VAEModule(L.LightningModule):
             self.vae.compile()  # in place: the state_dict keys stay those of the eager model
 
     @classmethod
-    def from_params(cls, params: Params) -> "VAEModule":
+    def from_params(cls, params: Params, crystal: str = "cubic") -> "VAEModule":
         t = params.train
         return cls(
-            encoder=params.encoder,
-            ve_size=params.ve_size,
-            latent_dim=params.latent_dim,
-            hidden_dim=t.hidden_dim,
-            base_channels=t.base_channels,
-            bottleneck_channels=t.bottleneck_channels,
+            model=model_config(params, crystal).as_dict(),
             lr=t.lr,
             weight_decay=t.weight_decay,
             alpha=t.alpha,
             beta=t.beta,
             beta_warmup_epochs=t.beta_warmup_epochs,
+            lr_schedule=t.lr_schedule,
+            warmup_fraction=t.warmup_fraction,
             channels_last=t.channels_last,
             compile=t.compile,
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.vae(x.contiguous(memory_format=self.memory_format))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised Euler batch -> (target in the representation, reconstruction, mu, logvar)."""
+        r = self.vae.represent(x).contiguous(memory_format=self.memory_format)
+        return (r, *self.vae(r))
 
     @property
     def beta_now(self) -> float:
@@ -250,8 +268,10 @@ class VAEModule(L.LightningModule):
         return beta_at(self.current_epoch, hp.beta, hp.beta_warmup_epochs)
 
     def _step(self, x: torch.Tensor, split: str, beta: float) -> torch.Tensor:
-        x_hat, mu, logvar = self(x)
-        terms = vae_loss(x_hat, x, mu, logvar, alpha=self.hparams.alpha, beta=beta)
+        r, r_hat, mu, logvar = self(x)
+        cfg = self.vae.cfg
+        terms = vae_loss(r_hat, r, mu, logvar, alpha=self.hparams.alpha, beta=beta,
+                         representation=cfg.representation, crystal=cfg.crystal)
         for name, value in terms.items():
             self.log(f"{split}_{name}", value.detach(), on_step=False, on_epoch=True,
                      batch_size=x.shape[0], sync_dist=True)
@@ -265,8 +285,16 @@ class VAEModule(L.LightningModule):
         # across epochs.
         self._step(x, "val", self.hparams.beta)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "constant":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, total, hp.lr_schedule, hp.warmup_fraction)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning restores the optimizer after this hook: make the continued epochs use the current
@@ -274,71 +302,49 @@ class VAEModule(L.LightningModule):
         for state in checkpoint.get("optimizer_states", []):
             for group in state.get("param_groups", []):
                 group["lr"] = self.hparams.lr
+                group["initial_lr"] = self.hparams.lr
                 group["weight_decay"] = self.hparams.weight_decay
+        for state in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in state:
+                state["base_lrs"] = [self.hparams.lr] * len(state["base_lrs"])
 
 
-def arch_of(hparams: dict[str, Any]) -> dict[str, Any]:
-    return {k: hparams.get(k) for k in ARCH_KEYS}
-
-
-def arch_of_params(params: Params) -> dict[str, Any]:
+def model_config(params: Params, crystal: str = "cubic") -> VAEConfig:
+    """The architecture the parameters ask for (``crystal`` comes from the training data)."""
     t = params.train
-    return {
-        "encoder": params.encoder,
-        "ve_size": params.ve_size,
-        "latent_dim": params.latent_dim,
-        "hidden_dim": t.hidden_dim,
-        "base_channels": t.base_channels,
-        "bottleneck_channels": t.bottleneck_channels,
-    }
+    return VAEConfig(
+        encoder=params.encoder,
+        ve_size=params.ve_size,
+        latent_dim=params.latent_dim,
+        hidden_dim=t.hidden_dim,
+        base_channels=t.base_channels,
+        bottleneck_channels=t.bottleneck_channels,
+        representation=t.representation,
+        crystal=crystal,
+    )
 
 
 def _mismatch(path: Path, have: dict[str, Any], want: dict[str, Any], source: str) -> str | None:
-    """'<path>: trained with latent_dim=64, params.yaml has 512' for the first differing key."""
-    for key in ARCH_KEYS:
+    """'<path>: trained with latent_dim=64, params.yaml has 512' for the first differing key
+    (keys of ``want`` only: the crystal family comes from the data, not from the parameters)."""
+    for key in want:
         if have.get(key) != want.get(key):
             return f"{path}: trained with {key}={have.get(key)}, {source} has {want.get(key)}"
     return None
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU; :class:`CheckpointError` (one line) when missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint (run `microfp train` or `dvc pull models/vae`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hp, dict) or "state_dict" not in ckpt or any(k not in hp for k in ARCH_KEYS):
-        raise CheckpointError(f"{path}: not a microfp VAE checkpoint (no architecture hyperparameters)")
-    return ckpt
+def _arch_of_params(params: Params) -> dict[str, Any]:
+    arch = model_config(params).as_dict()
+    arch.pop("crystal")
+    return arch
 
 
 def load_vae(checkpoint_path: str | Path, expect: Params | None = None) -> VAE:
-    """The trained :class:`VAE` of a checkpoint, on the CPU in eval mode (``encode(x)[0]`` = fingerprint).
-
-    With ``expect``, the architecture stored in the checkpoint must equal that of the parameters, or
-    :class:`CheckpointError` names the first difference, e.g.
-    ``models/vae/best.ckpt: trained with latent_dim=64, params.yaml has 512``.
-    """
-    path = Path(checkpoint_path)
-    ckpt = read_checkpoint(path)
-    arch = arch_of(ckpt["hyper_parameters"])
-    if expect is not None:
-        msg = _mismatch(path, arch, arch_of_params(expect), "params.yaml")
-        if msg:
-            raise CheckpointError(msg)
-    try:
-        vae = VAE(VAEConfig(**arch))
-        state = {k[len("vae.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
-        vae.load_state_dict(state)
-    except (ValueError, RuntimeError, TypeError) as err:
-        reason = str(err).splitlines()[0][:200]
-        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({reason})") from None
-    return vae.eval()
+    """The trained :class:`VAE` of a checkpoint (:func:`microfp.model.load_checkpoint`), on the CPU in
+    eval mode. With ``expect``, the architecture stored in the checkpoint must equal that of the
+    parameters, or :class:`CheckpointError` names the first difference, e.g.
+    ``models/vae/best.ckpt: trained with latent_dim=64, params.yaml has 512``."""
+    return load_checkpoint(checkpoint_path, None if expect is None else _arch_of_params(expect))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,19 +352,65 @@ def load_vae(checkpoint_path: str | Path, expect: Params | None = None) -> VAE:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary sibling and renamed, never half-written."""
+    """Checkpoints written to a temporary sibling and renamed, never half-written. ``best.ckpt`` (the
+    reader's file, a DVC output) gets the weights and the model config only
+    (:func:`microfp.model.weights_only_checkpoint`); ``last.ckpt`` keeps the whole training state."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        with atomic_output(path) as tmp:
-            torch.save(checkpoint, tmp)
+        if Path(path).name == BEST:
+            checkpoint = weights_only_checkpoint(checkpoint)
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            # a file object, not the path: torch names the zip records after the file otherwise, and the
+            # temporary name (pid) would change the bytes of identical checkpoints
+            torch.save(checkpoint, f)
+
+
+class RelocatableCheckpoint(ModelCheckpoint):
+    """:class:`ModelCheckpoint` whose state in ``last.ckpt`` holds file names relative to its
+    directory, not absolute paths: the same training in another clone writes the same bytes."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return _map_paths(super().state_dict(), str(self.dirpath), "")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(_map_paths(state_dict, "", str(self.dirpath)))
+
+
+def _map_paths(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """``state`` with the directory prefix ``old`` of path strings (and keys of ``best_k_models``)
+    replaced by ``new``; "" stands for "relative to the checkpoint directory"."""
+
+    def conv(v: Any) -> Any:
+        if not isinstance(v, str) or not v:
+            return v
+        if old == "":
+            return v if v.startswith(("/", "<")) else (new if v == "." else os.path.join(new, v))
+        if v == old:
+            return "."
+        return os.path.relpath(v, old) if v.startswith(old + os.sep) else v
+
+    out = {k: conv(v) for k, v in state.items() if k != "best_k_models"}
+    if "best_k_models" in state:
+        out["best_k_models"] = {conv(k): v for k, v in state["best_k_models"].items()}
+    return out
+
+
+def quiet_lightning() -> None:
+    """No third-party chatter in the stage output: Lightning's hardware lines and tips go below
+    WARNING; the stage prints its own one line per epoch."""
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.trainer.connectors"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class History(Callback):
     """One row of losses per epoch; kept in the checkpoint (so a resumed run has the whole curve) and
     written to ``<plots>/loss.csv`` after every epoch."""
 
-    def __init__(self, csv_path: Path) -> None:
-        self.csv_path = csv_path
+    def __init__(self, csv_path: Path, columns: list[str]) -> None:
+        self.csv_path, self.columns = csv_path, columns
         self.rows: list[dict[str, float]] = []
         self.t0 = time.time()
 
@@ -366,15 +418,15 @@ class History(Callback):
         m = trainer.callback_metrics
         beta = float(pl_module.beta_now)  # type: ignore[attr-defined]
         row = {"epoch": float(trainer.current_epoch + 1), "beta": beta}
-        for col in CURVE_COLUMNS[2:]:
+        for col in self.columns[2:]:
             row[col] = float(m[col]) if col in m else float("nan")
         self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
         if trainer.is_global_zero:
-            write_curves(self.csv_path, self.rows)
+            write_curves(self.csv_path, self.rows, self.columns)
+            terms = ", ".join(f"{c[4:]} {row[c]:.4g}" for c in self.columns if c.startswith("val_") and c not in ("val_loss", "val_recon"))
             _say(
                 f"epoch {int(row['epoch'])}/{trainer.max_epochs}: train_loss {row['train_loss']:.5g}, "
-                f"val_loss {row['val_loss']:.5g} (bce {row['val_bce']:.4g}, fft {row['val_fft']:.4g}, "
-                f"kl {row['val_kl']:.3g}), {time.time() - self.t0:.1f} s"
+                f"val_loss {row['val_loss']:.5g} ({terms}), {time.time() - self.t0:.1f} s"
             )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -387,9 +439,14 @@ class History(Callback):
         self.rows = list(state_dict.get("rows", []))
 
 
-def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
+def curve_columns(representation: str) -> list[str]:
+    """Columns of loss.csv: epoch, beta, then train_/val_ of each loss term of the representation."""
+    return ["epoch", "beta"] + [f"{split}_{t}" for split in ("train", "val") for t in loss_terms(representation)]
+
+
+def write_curves(path: Path, rows: list[dict[str, float]], columns: list[str]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (int(v) if k == "epoch" else f"{v:.8g}") for k, v in row.items()})
@@ -399,30 +456,42 @@ def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
 class MLflowTracking(Callback):
     """Params, tags and per-epoch metrics of the run to MLflow (global rank 0 only).
 
-    The run id is stored in the checkpoint, so a resumed training continues the same MLflow run when
-    it is still in the tracking store.
+    A resumed training continues the latest run of the same checkpoint directory (tag
+    ``checkpoint_dir``) when it is still in the tracking store. The run id is not kept in the
+    checkpoint: a random id there would make the bytes of identical trainings differ.
     """
 
-    def __init__(self, params: Params, counts: dict[str, int], out: Path) -> None:
-        self.params, self.counts, self.out = params, counts, out
+    def __init__(self, params: Params, counts: dict[str, int], out: Path, resuming: bool = False) -> None:
+        self.params, self.counts, self.out, self.resuming = params, counts, out, resuming
         self.run_id: str | None = None
         self.client: Any = None
         self.uri = tracking_uri()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id or "", "uri": self.uri}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("uri") == self.uri and state_dict.get("run_id"):
-            self.run_id = state_dict["run_id"]
+    def _previous_run(self) -> str | None:
+        """Id of the latest run logged for this checkpoint directory, if any."""
+        where = str(self.out.resolve())
+        exp = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+        if exp is None or "'" in where:
+            return None
+        runs = self.client.search_runs([exp.experiment_id], filter_string=f"tags.checkpoint_dir = '{where}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        import logging
+
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no database-setup chatter in the stage log
         self.client = MlflowClient(tracking_uri=self.uri)
+        if self.resuming:
+            try:
+                self.run_id = self._previous_run()
+            except Exception:  # noqa: BLE001 - tracking is secondary: start a new run
+                self.run_id = None
         if self.run_id:
             try:
                 self.client.get_run(self.run_id)
@@ -459,6 +528,12 @@ class MLflowTracking(Callback):
         ]
         metrics.append(Metric("beta", float(pl_module.beta_now), now, step))  # type: ignore[attr-defined]
         self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_seconds(self, seconds: float) -> None:
+        """The wall time of the stage (kept out of the DVC-tracked metrics, which must reproduce)."""
+        if self.client is None or self.run_id is None:
+            return
+        self.client.log_metric(self.run_id, "seconds", round(seconds, 3))
 
     def finish(self, status: str, tags: dict[str, str] | None = None) -> None:
         if self.client is None or self.run_id is None:
@@ -516,7 +591,7 @@ def _resume_from(last: Path, params: Params, data: Path) -> tuple[Path | None, i
         _say(f"warning: {err}; starting afresh")
         _remove_stale(last.parent)
         return None, 0
-    msg = _mismatch(last, arch_of(ckpt["hyper_parameters"]), arch_of_params(params), "params.yaml")
+    msg = _mismatch(last, model_of_checkpoint(ckpt)[0], _arch_of_params(params), "params.yaml")
     if msg:
         _say(f"warning: {msg}; starting afresh (old best.ckpt and last.ckpt removed)")
         _remove_stale(last.parent)
@@ -535,14 +610,17 @@ def train(
     out: str | Path = "models/vae",
     metrics: str | Path = "metrics/train.json",
     plots: str | Path = "plots/train",
+    callbacks: list[Callback] | None = None,
 ) -> dict[str, float]:
-    """Train (or continue training) the VAE; returns the metrics written to ``metrics``."""
+    """Train (or continue training) the VAE; returns the metrics written to ``metrics``.
+    ``callbacks``: more Lightning callbacks (e.g. the learning-curve benchmark's evaluation)."""
     t0 = time.time()
     out, metrics, plots = Path(out), Path(metrics), Path(plots)
     t = params.train
     if t.threads:
-        torch.set_num_threads(t.threads)
+        torch.set_num_threads(t.threads)  # CPU results depend on the thread count: fix it for bit-reproducibility
     accelerator, precision = resolve_hardware(t)
+    quiet_lightning()
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     datamodule = ShardDataModule(data, params, pin_memory=on_gpu)
     datamodule.setup("fit")  # fail early, in this process, on missing/corrupt shards or wrong ve_size
@@ -552,10 +630,11 @@ def train(
     # Offset by the epoch so that a resumed run does not replay the shuffling of the first epochs.
     L.seed_everything(params.seed + start_epoch, workers=True, verbose=False)
 
-    module = VAEModule.from_params(params)
+    module = VAEModule.from_params(params, crystal=datamodule.train_set.crystal)
     counts = param_count(module.vae)
     _say(
-        f"{params.encoder} VAE, {params.ve_size}^3, latent {params.latent_dim}, hidden {t.hidden_dim}: "
+        f"{params.encoder} VAE ({t.representation}, {datamodule.train_set.crystal}), {params.ve_size}^3, "
+        f"latent {params.latent_dim}, hidden {t.hidden_dim}: "
         + ", ".join(f"{k} {v:,}" for k, v in counts.items())
         + " parameters"
     )
@@ -565,18 +644,21 @@ def train(
         + (f"resuming from {ckpt_path} (epoch {start_epoch})" if ckpt_path else "starting afresh")
     )
 
-    history = History(plots / "loss.csv")
+    columns = curve_columns(t.representation)
+    history = History(plots / "loss.csv", columns)
     # Two checkpoint callbacks: with save_last=True, Lightning 2.6 rewrites last.ckpt only in epochs
     # where best.ckpt improved, so last.ckpt would lag behind. Both save at the end of the training
     # epoch (after validation, and after History has recorded the epoch, so it is in the file).
     ckpt_opts = dict(dirpath=out, save_top_k=1, save_on_train_epoch_end=True, enable_version_counter=False,
                      auto_insert_metric_name=False)
-    best = ModelCheckpoint(filename="best", monitor="val_loss", mode="min", **ckpt_opts)  # type: ignore[arg-type]
-    last = ModelCheckpoint(filename="last", monitor=None, **ckpt_opts)  # type: ignore[arg-type]
-    callbacks: list[Callback] = [history, best, last]
-    tracker = MLflowTracking(params, counts, out) if t.mlflow else None
+    best = RelocatableCheckpoint(filename="best", monitor="val_loss", mode="min", **ckpt_opts)  # type: ignore[arg-type]
+    last = RelocatableCheckpoint(filename="last", monitor=None, **ckpt_opts)  # type: ignore[arg-type]
+    extra = list(callbacks or [])
+    callbacks = [history, best, last]
+    tracker = MLflowTracking(params, counts, out, resuming=ckpt_path is not None) if t.mlflow else None
     if tracker:
         callbacks.append(tracker)
+    callbacks += extra
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=t.devices,
@@ -593,11 +675,13 @@ def train(
         enable_model_summary=False,
         enable_progress_bar=sys.stderr.isatty(),
         log_every_n_steps=1,
+        deterministic=True,  # torch.use_deterministic_algorithms(True): same params + machine -> same bits
     )
     try:
         with warnings.catch_warnings():
             # expected on resume / from Lightning 2.6 with torch 2.13
-            for pattern in (".*exists and is not empty", ".*LeafSpec.* is deprecated"):
+            for pattern in (".*exists and is not empty", ".*LeafSpec.* is deprecated", ".*deprecated.*",
+                            ".*does not have many workers.*", ".*number of training batches.*"):
                 warnings.filterwarnings("ignore", message=pattern)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except MicrofpError as err:
@@ -610,18 +694,18 @@ def train(
 
     rows = history.rows
     if rows and trainer.is_global_zero:
-        write_curves(plots / "loss.csv", rows)  # also when resumed at train.epochs: nothing new was trained
+        write_curves(plots / "loss.csv", rows, columns)  # also when resumed at train.epochs
+    # Only results in the tracked metrics (bit-reproducible); the wall time goes to the log and MLflow.
     result: dict[str, float] = {
         "epochs": float(rows[-1]["epoch"]) if rows else 0.0,
         "steps": float(trainer.global_step),
-        "seconds": round(time.time() - t0, 3),
         "param_count": float(counts["total"]),
     }
     for k, v in counts.items():
         if k != "total":
             result[f"param_count_{k}"] = float(v)
     if rows:
-        for col in CURVE_COLUMNS[2:]:
+        for col in columns[2:]:
             result[col] = rows[-1][col]
         result["val_recon_first"] = rows[0]["val_recon"]
         result["val_loss_best"] = min(r["val_loss"] for r in rows)
@@ -629,10 +713,12 @@ def train(
     if trainer.is_global_zero:
         write_json(metrics, result)
         if tracker:
+            tracker.log_seconds(time.time() - t0)
             tracker.finish("FINISHED", {"checkpoint": str((out / "best.ckpt").resolve()),
                                         "last_checkpoint": str((out / "last.ckpt").resolve())})
     val = result.get("val_recon", float("nan"))
-    _say(f"done: {result.get('epochs', 0):.0f} epochs, val_recon {val:.5g}, {result['seconds']:.1f} s")
+    _say(f"done: {result.get('epochs', 0):.0f} epochs, {result['steps']:.0f} steps, val_recon {val:.5g}, "
+         f"{time.time() - t0:.1f} s")
     return result
 
 
