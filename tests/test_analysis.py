@@ -17,6 +17,7 @@ from microfp.analysis import (
     chance_accuracy,
     cluster_problem,
     interpolate,
+    interpolation_path,
     matched_accuracy,
     spectral_labels,
 )
@@ -192,7 +193,14 @@ def test_analyse_with_interpolation(tiny: dict[str, Any], tmp_path: Path) -> Non
     write_synthetic(tmp_path, 8, textures_separable=True)
     out = analyse(params, tmp_path / "fp", tmp_path / "fp2", checkpoint=tiny["ckpt"], data=tiny["data"],
                   metrics=tmp_path / "l.json", plots=tmp_path / "plots")
-    assert out["interpolation"]["steps"] == 5 and out["interpolation"]["step_phi4_mean"] >= 0
+    path = out["interpolation"]
+    assert path["steps"] == 5 and 0 < path["step_phi4_mean"] <= path["step_phi4_max"] <= 1
+    # the steps measure the decoded path itself: walked backwards, the same steps in reverse order
+    back = interpolation_path(tiny_params(evaluate={"interpolation_steps": 5, "interpolation_pair": [0, 3]}),
+                              tiny["ckpt"], tiny["data"])
+    forward = interpolation_path(params, tiny["ckpt"], tiny["data"])
+    assert np.allclose(back["step_phi4"][::-1], forward["step_phi4"], rtol=1e-4, atol=1e-7)
+    assert forward["step_phi4"].mean() == pytest.approx(path["step_phi4_mean"], rel=1e-6)
     assert (tmp_path / "plots/interpolation.png").stat().st_size > 1000
 
 

@@ -491,9 +491,15 @@ def test_mlflow_defaults_to_sqlite_in_the_working_directory(
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # the working directory is a git checkout: the run records its revision
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=tmp_path, check=True)
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.strip()
     run(make_params(epochs=1, mlflow=True), data_dir, tmp_path)
     assert (tmp_path / "mlflow.db").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("microfp-train")
     (r,) = client.search_runs([exp.experiment_id])
-    assert "git_revision" in r.data.tags or "mlflow.source.git.commit" not in r.data.tags
+    assert r.data.tags["git_revision"] == r.data.tags["mlflow.source.git.commit"] == revision
