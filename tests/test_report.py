@@ -68,10 +68,11 @@ def test_report_without_metrics_is_short_and_report_show_prints_run_costs(tmp_pa
     made = run_cli("report", "--metrics", "metrics", "--out", "report.md", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "report.md").read_text().startswith("# microfp report")
-    runlog.record("generate train --params params.yaml", 12.5, tmp_path / ".microfp" / "runlog.jsonl")
+    runlog.record("generate@train", 12.5, tmp_path / ".microfp" / "runlog.jsonl")
     shown = run_cli("report", "--show", cwd=tmp_path)
     assert shown.returncode == 0 and "# microfp report" in shown.stdout
-    assert "`generate train`: 12.5 s" in shown.stdout
+    assert "`generate@train`: 12.5 s" in shown.stdout
+    assert "report" not in run_costs(tmp_path / ".microfp" / "runlog.jsonl").split("\n", 1)[1]
     assert "no stage ran here" in run_costs(tmp_path / "missing.jsonl")
 
 

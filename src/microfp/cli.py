@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         app(args=argv, standalone_mode=False, prog_name="microfp")
-        if argv and not {"--help", "-h"} & set(argv):
-            runlog.record(" ".join(argv), time.perf_counter() - started)
+        if stage := os.environ.get("DVC_STAGE"):  # a stage of `dvc repro`: its wall time, untracked
+            runlog.record(stage, time.perf_counter() - started, Path(os.environ.get("DVC_ROOT", ".")) / runlog.RUNLOG)
     except typer.Exit as err:
         return err.exit_code
     except (typer.Abort, KeyboardInterrupt):

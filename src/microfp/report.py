@@ -249,15 +249,15 @@ def build_report(params: Params, metrics_dir: Path) -> str:
 def run_costs(log: Path = runlog.RUNLOG) -> str:
     """The wall-clock time of the last run of each stage command, from the run log."""
     runs = runlog.last_runs(log)
-    stages = {k: v for k, v in runs.items() if not k.startswith(("report", "check-params"))}
+    stages = {k: v for k, v in runs.items() if k not in ("report", "check-params")}
     if not stages:
         return "No run log on this machine (.microfp/runlog.jsonl): no stage ran here.\n"
     lines = ["## Wall-clock time of the last run of each stage (this machine, not tracked)", ""]
     total = 0.0
-    for command, entry in stages.items():
+    for stage, entry in stages.items():
         seconds = float(entry["seconds"])
         total += seconds
-        lines.append(f"- `{command.split(' --')[0]}`: {seconds:.1f} s ({entry.get('cores', '?')} cores, {entry.get('finished', '')})")
+        lines.append(f"- `{stage}`: {seconds:.1f} s ({entry.get('cores', '?')} cores, {entry.get('finished', '')})")
     lines.append(f"- all of them: {total / 60:.1f} min")
     return "\n".join(lines) + "\n"
 

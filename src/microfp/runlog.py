@@ -1,9 +1,10 @@
 """What each `microfp` command cost on this machine, kept out of every DVC-tracked output.
 
 Wall-clock times and host facts change from run to run, so they never go into a file that DVC
-hashes (that would break bit-for-bit `dvc repro`). `microfp` appends one JSON line per finished
-command to ``.microfp/runlog.jsonl`` (ignored by git and DVC); `microfp report --show` prints the
-last run of each stage from it beside the report.
+hashes (that would break bit-for-bit `dvc repro`). When DVC runs a stage (it sets ``DVC_STAGE`` and
+``DVC_ROOT``), `microfp` appends one JSON line per finished stage command to
+``.microfp/runlog.jsonl`` under the repository root (ignored by git and DVC); `microfp report --show`
+prints the last run of each stage from it beside the report.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from typing import Any
 RUNLOG = Path(".microfp/runlog.jsonl")
 
 
-def record(command: str, seconds: float, path: Path = RUNLOG) -> None:
-    """Append ``{"command", "seconds", "finished", "host", "cores"}`` as one line to ``path``;
-    ``command`` is the command line after ``microfp`` (e.g. ``generate brass --params params.yaml``).
+def record(stage: str, seconds: float, path: Path = RUNLOG) -> None:
+    """Append ``{"stage", "seconds", "finished", "host", "cores"}`` as one line to ``path``
+    (``stage`` as DVC names it, e.g. ``generate@brass``).
 
     Best effort: a read-only working directory loses the line, never the command's result.
     """
     entry = {
-        "command": command,
+        "stage": stage,
         "seconds": round(seconds, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
@@ -40,7 +41,7 @@ def record(command: str, seconds: float, path: Path = RUNLOG) -> None:
 
 
 def last_runs(path: Path = RUNLOG) -> dict[str, dict[str, Any]]:
-    """The newest entry of each command line in ``path`` (``{}`` when there is none)."""
+    """The newest entry of each stage in ``path`` (``{}`` when there is none)."""
     runs: dict[str, dict[str, Any]] = {}
     try:
         lines = path.read_text().splitlines()
@@ -49,7 +50,7 @@ def last_runs(path: Path = RUNLOG) -> dict[str, dict[str, Any]]:
     for line in lines:
         try:
             entry = json.loads(line)
-            runs[str(entry["command"])] = entry
+            runs[str(entry["stage"])] = entry
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a torn line of an interrupted write
     return runs
