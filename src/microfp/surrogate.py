@@ -187,6 +187,9 @@ def fit(x: np.ndarray, y01: np.ndarray, s: SurrogateParams, seed: int) -> tuple[
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
+    from microfp.train import quiet_lightning
+
+    quiet_lightning()  # no hardware lines or tips in the stage log
     L.seed_everything(seed, verbose=False)
     net = SurrogateNet(x.shape[1], s.hidden, y01.shape[1])
     module = _lightning_module(net, s)
