@@ -326,8 +326,8 @@ def save_checkpoint(path: Path, net: SurrogateNet, norm: MinMax, meta: dict[str,
         "norm_hi": norm.hi.tolist(),
         **meta,
     }
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # a file object: given the path, torch names the zip records after the temp file
 
 
 def load_checkpoint(path: Path) -> tuple[SurrogateNet, MinMax, dict[str, Any]]:
