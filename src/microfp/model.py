@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from microfp.atomic import atomic_output
 from microfp.errors import MicrofpError
 from microfp.rotations import euler_field_to_quaternion, quaternion_field_to_euler, symmetric_misorientation_loss
 
@@ -389,6 +390,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except (KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{path}: not a microfp VAE checkpoint (no model config)") from None
     return ckpt
+
+
+def write_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` of ``obj`` to ``path`` atomically (temp file, then rename), the same bytes on
+    every run: torch is given a file object, since given a path it names the zip records after the
+    (pid-named) temporary file."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def model_of_checkpoint(ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from microfp.atomic import atomic_output, save_figure, write_json
 from microfp.config import Params, SurrogateParams, load_params
 from microfp.errors import MicrofpError
+from microfp.model import write_checkpoint
 
 N_POINTS = 21
 """Stress points per curve: 0 to 1% strain in 20 increments (paper section 2.3)."""
@@ -326,8 +327,7 @@ def save_checkpoint(path: Path, net: SurrogateNet, norm: MinMax, meta: dict[str,
         "norm_hi": norm.hi.tolist(),
         **meta,
     }
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        torch.save(payload, f)  # a file object: given the path, torch names the zip records after the temp file
+    write_checkpoint(payload, path)
 
 
 def load_checkpoint(path: Path) -> tuple[SurrogateNet, MinMax, dict[str, Any]]:

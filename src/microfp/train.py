@@ -41,7 +41,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset
 
-from microfp.atomic import atomic_output, write_json, write_text
+from microfp.atomic import write_json, write_text
 from microfp.config import Params, TrainParams, load_params
 from microfp.errors import MicrofpError
 from microfp.model import (
@@ -56,6 +56,7 @@ from microfp.model import (
     read_checkpoint,
     vae_loss,
     weights_only_checkpoint,
+    write_checkpoint,
 )
 from microfp.shards import ShardError, euler_field, read_attrs, read_shard, shard_paths, shard_shape
 from microfp.tracking import flatten, run_tags, tracking_uri
@@ -359,10 +360,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if Path(path).name == BEST:
             checkpoint = weights_only_checkpoint(checkpoint)
-        with atomic_output(path) as tmp, open(tmp, "wb") as f:
-            # a file object, not the path: torch names the zip records after the file otherwise, and the
-            # temporary name (pid) would change the bytes of identical checkpoints
-            torch.save(checkpoint, f)
+        write_checkpoint(checkpoint, path)
 
 
 class RelocatableCheckpoint(ModelCheckpoint):
