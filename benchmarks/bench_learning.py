@@ -297,6 +297,76 @@ def paper_scale_estimate(effective_tflops: tuple[float, float] = (100.0, 300.0))
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Ceiling: what a perfect reconstruction at a coarser resolution scores
+
+
+def block_view(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C, n, n, n) -> (B, C, (n/k)^3, k^3): the voxels of each k^3 block on the last axis."""
+    b, c, n = t.shape[0], t.shape[1], t.shape[2]
+    m = n // k
+    t = t.reshape(b, c, m, k, m, k, m, k).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    return t.reshape(b, c, m**3, k**3)
+
+
+def unblock(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """(B, C, (n/k)^3) block values -> (B, C, n, n, n), each block filled with its value."""
+    m = n // k
+    t = t.reshape(t.shape[0], t.shape[1], m, m, m)
+    return t.repeat_interleave(k, 2).repeat_interleave(k, 3).repeat_interleave(k, 4)
+
+
+def coarse_oracles(x: torch.Tensor, grain_ids: torch.Tensor, crystal: str, k: int) -> dict[str, torch.Tensor]:
+    """Two perfect reconstructions at ``n/k`` voxels per edge of normalised Euler fields ``x``
+    ``(B, 3, n, n, n)`` with grain ids ``(B, n, n, n)``, each upsampled back to ``n``:
+
+    ``mean``: per k^3 block the mean orientation (quaternions aligned by the crystal symmetry, as
+    :func:`microfp.evaluate.mean_field`): the best a model gets that knows each block exactly but
+    averages (the optimum of an MSE-like loss under uncertainty); ``mode``: per block the orientation of
+    the grain holding most of its voxels (a sharp, majority-vote reconstruction)."""
+    from microfp.rotations import align_to, euler_field_to_quaternion, quaternion_field_to_euler
+
+    n = x.shape[-1]
+    q = block_view(euler_field_to_quaternion(x.double(), crystal), k)  # (B, 4, M, k^3)
+    ref = q[..., :1]
+    for _ in range(3):
+        ref = torch.nn.functional.normalize(align_to(q, ref, crystal, dim=1).sum(-1, keepdim=True), dim=1)
+    mean = quaternion_field_to_euler(unblock(ref[..., 0], n, k), crystal).to(x.dtype)
+    g = block_view(grain_ids[:, None].long(), k)[:, 0]  # (B, M, k^3)
+    pick = torch.mode(g, -1).indices  # (B, M): a voxel of the grain holding most of the block
+    xb = block_view(x, k)  # (B, 3, M, k^3)
+    mode = torch.gather(xb, 3, pick[:, None, :, None].expand(-1, 3, -1, 1))[..., 0]
+    return {"mean": mean, "mode": unblock(mode, n, k)}
+
+
+def ceiling(args: argparse.Namespace) -> None:
+    """Scores of the coarse oracles (:func:`coarse_oracles`) per set and block size, next to the set's
+    mean field: how finely a model must resolve a VE to reach a disorientation target."""
+    from microfp.evaluate import iter_set_batches, mean_field, reconstruction_metrics
+
+    rows = []
+    for name in args.sets:
+        batches = list(iter_set_batches(Path(args.data) / name, 16, args.ves))
+        x = torch.cat([b.x for b in batches])
+        gids = torch.from_numpy(np.concatenate([np.stack(b.grain_ids) for b in batches]).astype(np.int64))
+        crystal = batches[0].crystal
+        n = x.shape[-1]
+        row: dict[str, Any] = {"set": name, "ve_size": n, "n_ves": len(x)}
+        mf = mean_field(x, crystal).expand_as(x).contiguous()
+        row["mean_field_dis"] = float(reconstruction_metrics(x, mf, crystal)["disorientation_deg"].mean())
+        for k in args.blocks:
+            if n % k:
+                continue
+            for kind, field in coarse_oracles(x, gids, crystal, k).items():
+                m = reconstruction_metrics(x, field, crystal)
+                row[f"{kind}_k{k}_dis"] = float(m["disorientation_deg"].mean())
+                row[f"{kind}_k{k}_phi4"] = float(m["phi4"].mean())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.write_text(json.dumps({"data": str(args.data), "blocks": args.blocks, "rows": rows}, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -311,8 +381,14 @@ def main() -> None:
     p = sub.add_parser("report")
     p.add_argument("--results", default="benchmarks/results/learning.jsonl")
     p.add_argument("--fit-family", default=None, help="name prefix of the runs fitted (default: best run)")
+    c = sub.add_parser("ceiling", help="scores of perfect coarse reconstructions (block mean / majority grain)")
+    c.add_argument("--data", required=True)
+    c.add_argument("--sets", nargs="+", default=["val", *TEXTURED])
+    c.add_argument("--blocks", nargs="+", type=int, default=[2, 4, 8])
+    c.add_argument("--ves", type=int, default=32, help="VEs per set")
+    c.add_argument("--out", default="benchmarks/results/learning-ceiling.json")
     args = ap.parse_args()
-    run(args) if args.cmd == "run" else report(args)
+    {"run": run, "report": report, "ceiling": ceiling}[args.cmd](args)
 
 
 if __name__ == "__main__":
