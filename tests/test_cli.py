@@ -20,6 +20,31 @@ def test_every_command_has_help(command):
     assert "Usage: microfp" in result.stdout and len(result.stdout) > 200
 
 
+def _walk(command, path=()):
+    """(command path, click parameter) of every parameter of every microfp command."""
+    if hasattr(command, "commands"):  # a group (typer vendors its own click: no isinstance)
+        for name, sub in command.commands.items():
+            yield from _walk(sub, (*path, name))
+    else:
+        for param in command.params:
+            yield " ".join(path), param
+
+
+def test_help_texts_survive_rich_markup():
+    """Typer renders help with rich markup, which swallows square brackets: "Shard directory
+    [default: data/ves/SET]." was shown as "Shard directory .". Defaults are written in parentheses."""
+    import typer
+
+    from microfp import cli
+
+    if not any(c.name == "train" for c in cli.app.registered_commands):
+        cli._register_lazy_commands([])  # what `microfp --help` does: every command
+    params = list(_walk(typer.main.get_command(cli.app)))
+    assert len({path for path, _ in params}) >= 15, "expected every microfp command"
+    bad = [f"{path} {param.name}: {param.help!r}" for path, param in params if "[" in (getattr(param, "help", None) or "")]
+    assert not bad, "help text with [...] (rich markup eats it): " + "; ".join(bad)
+
+
 def test_no_arguments_prints_help_and_unknown_option_exits_2():
     assert "generate" in run_cli().stdout + run_cli().stderr
     result = run_cli("generate", "train", "--frobnicate")

@@ -64,10 +64,10 @@ def check_params(
 def generate(
     set_name: Annotated[str, typer.Argument(metavar="SET", help="Set to build, a key of generate.sets (e.g. train).")],
     params: ParamsOpt = Path("params.yaml"),
-    out: Annotated[Optional[Path], typer.Option(help="Shard directory [default: data/ves/SET].")] = None,
-    metrics: Annotated[Optional[Path], typer.Option(help="Statistics JSON [default: metrics/datasets/SET.json].")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Mid-slice PNG [default: plots/ves/SET.png].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Processes [default: generate.workers; 0 = all cores].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Shard directory (default: data/ves/SET).")] = None,
+    metrics: Annotated[Optional[Path], typer.Option(help="Statistics JSON (default: metrics/datasets/SET.json).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Mid-slice PNG (default: plots/ves/SET.png).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Processes (default: generate.workers; 0 = all cores).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate one set of periodic grain-structure VEs as HDF5 shards.
@@ -116,8 +116,8 @@ def datasets_summary(
 def import_dream3d(
     file: Annotated[Path, typer.Argument(help="A .dream3d file (HDF5 with FeatureIds and EulerAngles).")],
     out: Annotated[Path, typer.Option(help="Shard file to write (.h5).")],
-    crystal: Annotated[Optional[Crystal], typer.Option(help="Crystal family [default: from the file, else cubic].")] = None,
-    resolution: Annotated[Optional[float], typer.Option(help="Length units per voxel [default: the file's spacing].")] = None,
+    crystal: Annotated[Optional[Crystal], typer.Option(help="Crystal family (default: from the file, else cubic).")] = None,
+    resolution: Annotated[Optional[float], typer.Option(help="Length units per voxel (default: the file's spacing).")] = None,
 ) -> None:
     """Import a Dream3D VE into a one-VE shard (orientations reduced to the fundamental zone)."""
     from microfp import formats, shards
@@ -131,8 +131,8 @@ def import_dream3d(
 def import_damask(
     file: Annotated[Path, typer.Argument(help="A DAMASK grid (.vti) whose material ids index material.yaml.")],
     out: Annotated[Path, typer.Option(help="Shard file to write (.h5).")],
-    material: Annotated[Optional[Path], typer.Option(help="material.yaml [default: next to the .vti].")] = None,
-    crystal: Annotated[Optional[Crystal], typer.Option(help="Crystal family [default: from the phase lattice].")] = None,
+    material: Annotated[Optional[Path], typer.Option(help="material.yaml (default: next to the .vti).")] = None,
+    crystal: Annotated[Optional[Crystal], typer.Option(help="Crystal family (default: from the phase lattice).")] = None,
 ) -> None:
     """Import a DAMASK grid and its material configuration into a one-VE shard."""
     from microfp import formats, shards

@@ -333,8 +333,8 @@ def fingerprint_command(
     data: Annotated[Path, typer.Option(help="directory of the sets, each a folder of shard-*.h5")] = DEFAULT_DATA,
     out: Annotated[Path, typer.Option(help="directory of the VAE fingerprint tables <set>.parquet")] = Path("data/fingerprints"),
     out_2pt: Annotated[Path, typer.Option("--out-2pt", help="directory of the 2-point baseline tables")] = Path("data/fingerprints_2pt"),
-    sets: Annotated[Optional[list[str]], typer.Option("--sets", help="sets to fingerprint (repeat) [default: evaluate.sets]")] = None,
-    train_set: Annotated[Optional[str], typer.Option(help="set the 2-point PCA is fitted on [default: evaluate.train_set]")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--sets", help="sets to fingerprint (repeat) (default: evaluate.sets)")] = None,
+    train_set: Annotated[Optional[str], typer.Option(help="set the 2-point PCA is fitted on (default: evaluate.train_set)")] = None,
     ood_out: Annotated[Optional[Path], typer.Option(help="also write the VAE's OOD calibration JSON here (fitted on the train set)")] = None,
     val_set: Annotated[str, typer.Option(help="set the OOD calibration is calibrated on (not trained on)")] = "val",
 ) -> None:

@@ -457,7 +457,7 @@ def release_command(
 def pull_command(
     targets: Annotated[
         Optional[list[str]],
-        typer.Argument(help="Outputs to pull: paths, folders or globs [default: all in the remote's manifest.json, else all]."),
+        typer.Argument(help="Outputs to pull: paths, folders or globs (default: all in the remote's manifest.json, else all)."),
     ] = None,
     remote: Annotated[Optional[str], typer.Option("--remote", "-r", help="DVC remote (default: the project's default remote).")] = None,
 ) -> None:

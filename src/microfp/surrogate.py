@@ -702,8 +702,8 @@ def surrogate_command(
 def predict_command(
     ve_file: Annotated[Path, typer.Argument(help="A VE: microfp shard (.h5), Dream3D (.dream3d) or DAMASK grid (.vti).")],
     checkpoint: Annotated[Path, typer.Option(help="Surrogate checkpoint.")] = Path("models/surrogate.ckpt"),
-    vae: Annotated[Optional[Path], typer.Option(help="VAE checkpoint [default: the one the surrogate was trained with].")] = None,
-    crystal: Annotated[Optional[str], typer.Option(help="Crystal family of a Dream3D/DAMASK file [default: from the file].")] = None,
+    vae: Annotated[Optional[Path], typer.Option(help="VAE checkpoint (default: the one the surrogate was trained with).")] = None,
+    crystal: Annotated[Optional[str], typer.Option(help="Crystal family of a Dream3D/DAMASK file (default: from the file).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the curve(s) as CSV instead of printing.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also plot the curve(s) to this PNG.")] = None,
 ) -> None:

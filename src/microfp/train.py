@@ -728,8 +728,8 @@ def train_command(
     out: Annotated[Path, typer.Option(help="checkpoint directory: best.ckpt, last.ckpt")] = Path("models/vae"),
     metrics: Annotated[Path, typer.Option(help="final losses as flat JSON")] = Path("metrics/train.json"),
     plots: Annotated[Path, typer.Option(help="directory of the per-epoch loss curve loss.csv")] = Path("plots/train"),
-    train_set: Annotated[Optional[str], typer.Option(help="set to train on [default: train.train_set]")] = None,
-    val_set: Annotated[Optional[str], typer.Option(help="set to validate on [default: train.val_set]")] = None,
+    train_set: Annotated[Optional[str], typer.Option(help="set to train on (default: train.train_set)")] = None,
+    val_set: Annotated[Optional[str], typer.Option(help="set to validate on (default: train.val_set)")] = None,
 ) -> None:
     """Train the 3D ResNet VAE on the train set's VEs, validating on the val set.
 
