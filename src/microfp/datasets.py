@@ -25,6 +25,7 @@ import numpy as np
 from microfp import shards, volumes
 from microfp.atomic import save_figure, write_json
 from microfp.config import TEXTURES_DEG, Params, SetSpec
+from microfp.console import ProgressBar
 from microfp.errors import MicrofpError
 
 GENERATOR = "laguerre-v1"
@@ -185,29 +186,6 @@ def generate_set(params: Params, set_name: str, out_dir: Path, workers: int = 0,
                 ),
             )
     return len(jobs)
-
-
-class ProgressBar:
-    """A rich progress bar with ETA (or nothing when disabled) whose context value is ``advance()``."""
-
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
-        self.enabled, self.label, self.total = enabled and total > 0, label, total
-
-    def __enter__(self):  # noqa: ANN204 - context manager protocol
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-        )
-        self._bar.__enter__()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._bar.__exit__(*exc)
 
 
 # --- statistics and pictures -------------------------------------------------------------------

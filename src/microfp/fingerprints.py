@@ -37,7 +37,7 @@ concatenation is reduced with a PCA fitted on (up to ``evaluate.twopoint_max_fit
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -50,7 +50,9 @@ import typer
 from microfp.atomic import atomic_output
 from microfp.config import Params, load_params
 from microfp.errors import MicrofpError
-from microfp.evaluate import DEFAULT_DATA, SetBatch, find_sets, iter_set_batches, load_model, pick_device
+from microfp.model import load_vae
+from microfp.runtime import pick_device
+from microfp.setdata import DEFAULT_DATA, SetBatch, find_sets, iter_set_batches
 from microfp.volumes import grain_esd
 
 __all__ = [
@@ -69,8 +71,7 @@ __all__ = [
 DESCRIPTOR_COLUMNS = ("esd_mean", "n_grains", "texture", "esd_target", "crystal")
 
 
-def _say(msg: str) -> None:
-    print(f"[microfp fingerprint] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def latent_columns(k: int) -> list[str]:
@@ -254,7 +255,7 @@ def fingerprint(
     if ood_out is not None and val_set not in sets:
         find_sets(data, [val_set])
         sets = sets + [val_set]
-    vae = load_model(checkpoint, params, device)
+    vae = load_vae(checkpoint, expect=params, device=device)
     k = params.latent_dim
 
     # 2-point PCA per crystal family (the local state differs): fitted on the first twopoint_max_fit
@@ -267,7 +268,7 @@ def fingerprint(
                      for b in iter_set_batches(data / set_name, ev.batch_size, ev.twopoint_max_fit, params.ve_size)]
             fit = np.concatenate(feats)
             pcas[family] = pca = TwoPointPCA(k, params.seed).fit(fit)
-            _say(f"2-point baseline ({family}): {fit.shape[1]} features per VE (window +-{window_voxels(params)} "
+            log.info(f"2-point baseline ({family}): {fit.shape[1]} features per VE (window +-{window_voxels(params)} "
                  f"voxels), PCA on {fit.shape[0]} {set_name} VEs, {pca.pca.n_components_} of {k} components"
                  + ("" if pca.pca.n_components_ == k else " (the rest are 0: fewer fit VEs than latent_dim)"))
         return pcas[family]
@@ -290,10 +291,10 @@ def fingerprint(
         write_table(make_table(name, ve_id, np.concatenate(z2s), desc), out_2pt / f"{name}.parquet")
         counts[name] = len(ve_id)
         vae_z[name] = np.concatenate(zs)
-        _say(f"{name}: {len(ve_id)} VEs")
+        log.info(f"{name}: {len(ve_id)} VEs")
     if ood_out is not None:
         write_ood(ood_out, vae_z, params, ev.train_set, val_set, _set_crystal(data / ev.train_set), checkpoint)
-    _say(f"{sum(counts.values())} VEs of {len(counts)} sets in {time.time() - t0:.1f} s on {device}; "
+    log.info(f"{sum(counts.values())} VEs of {len(counts)} sets in {time.time() - t0:.1f} s on {device}; "
          f"wrote {out}/ and {out_2pt}/")
     return counts
 
@@ -309,7 +310,7 @@ def write_ood(path: str | Path, z: dict[str, np.ndarray], params: Params, train_
     })
     ood.save(path, cal)
     flagged = {name: float(cal.score(zs)["ood_flag"].mean()) for name, zs in z.items()}
-    _say(f"OOD calibration ({train_set} -> {val_set}, threshold {cal.threshold:.3g}) written to {path}; flagged: "
+    log.info(f"OOD calibration ({train_set} -> {val_set}, threshold {cal.threshold:.3g}) written to {path}; flagged: "
          + ", ".join(f"{name} {share:.0%}" for name, share in flagged.items()))
 
 

@@ -37,8 +37,13 @@ from microfp.errors import MicrofpError
 
 FORMAT_VERSION = 1
 CRYSTAL_FAMILIES = ("cubic", "hexagonal")
-EULER_SCALE = np.array([2 * math.pi, math.pi, 2 * math.pi], dtype=np.float32)
-"""Bunge Euler angles are normalised to [0, 1] by dividing by (2pi, pi, 2pi) (paper section 2.1)."""
+EULER_MAX: tuple[float, float, float] = (2 * math.pi, math.pi, 2 * math.pi)
+"""Upper bounds of Bunge Euler angles (phi1, Phi, phi2), radians: the VAE's input is the angles
+divided by them, in [0, 1] (paper section 2.1)."""
+EULER_SCALE = np.array(EULER_MAX, dtype=np.float32)
+""":data:`EULER_MAX` in float32, the precision of the stored angles."""
+MAX_GRAINS = 65535
+"""Most grains one VE may have (grain ids are stored as uint16)."""
 
 
 class ShardError(MicrofpError):

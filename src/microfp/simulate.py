@@ -308,7 +308,7 @@ def simulate_set(
                 if stop_after is not None and written >= stop_after:
                     raise RuntimeError(f"injected failure after {written} VEs")
 
-        from microfp.datasets import ProgressBar
+        from microfp.console import ProgressBar
 
         with ProgressBar(progress and not lines, f"simulate {set_name} ({sp.backend})", len(todo)) as advance:
             errors = _fan_out(batches, task, task_args, on_done, scheduler, sp)

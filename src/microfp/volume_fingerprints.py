@@ -23,7 +23,6 @@ fingerprint), ``n_grains`` (int64 grains in the window), ``phase`` (string), ``p
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +55,6 @@ MIN_GRAIN_VOXELS = 2.0
 
 class VolumeError(MicrofpError):
     """A volume that cannot be fingerprinted with this model; one line."""
-
-
-def _say(msg: str) -> None:
-    print(f"[microfp fingerprint-volume] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +247,7 @@ def fingerprint_volume(
 ) -> dict[str, Any]:
     """Fingerprint every window of a volume file and write ``out`` (parquet); returns the summary."""
     from microfp.fingerprints import latent_columns, write_table
-    from microfp.train import load_vae
+    from microfp.model import load_vae
 
     t0 = time.perf_counter()
     cal = ood.load(ood_path or ood.default_path(checkpoint))
