@@ -420,6 +420,12 @@ class MLflowTracking(Callback):
     A resumed training continues the latest run of the same checkpoint directory (tag
     ``checkpoint_dir``) when it is still in the tracking store. The run id is not kept in the
     checkpoint: a random id there would make the bytes of identical trainings differ.
+
+    Not Lightning's ``MLFlowLogger`` (checked with Lightning 2.6): as a Trainer logger it logs the
+    module's hyperparameters at the start of every ``fit``, and MLflow refuses a changed value of a
+    logged param, so continuing a run with another ``lr``/``beta`` (allowed here) would fail; it
+    logs metrics at the global step (``loss.csv`` and this run use the epoch) and truncates param
+    values to 250 characters. Finding the run to continue (tag ``checkpoint_dir``) would stay ours.
     """
 
     def __init__(self, params: Params, counts: dict[str, int], out: Path, resuming: bool = False) -> None:
