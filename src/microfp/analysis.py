@@ -48,8 +48,8 @@ from microfp.rotations import euler_to_quaternion, phi4
 from microfp.runtime import pick_device
 from microfp.setdata import DEFAULT_DATA, iter_set_batches
 from microfp.shards import EULER_SCALE
+from microfp.tables import latent_columns, read_fingerprints
 from microfp.tracking import log_mlflow
-from microfp.fingerprints import latent_columns, read_fingerprints
 
 __all__ = [
     "METHODS",

@@ -828,19 +828,8 @@ class _quiet_vtk:
 
 def _one_ve(grain_ids: np.ndarray, euler: np.ndarray, crystal: str, resolution: float, source: str, fmt: str) -> VESet:
     """One-VE VESet from (x, y, z) grain ids 0..G-1 and G Euler angles, reduced to the fundamental zone."""
-    euler = reduced_euler(euler, crystal)
-    ves = VESet(
-        grain_ids=np.ascontiguousarray(grain_ids.astype(np.uint16))[None],
-        euler=euler[None],
-        n_grains=np.array([euler.shape[0]], dtype=np.int32),
-        ve_index=np.zeros(1, dtype=np.int64),
-        esd_target=np.full(1, np.nan, dtype=np.float32),
-        crystal=crystal,
-        resolution=float(resolution),
-        attrs={"source": source, "source_format": fmt},
-    )
-    validate(ves, source)
-    return ves
+    return VESet.from_ves([(grain_ids, reduced_euler(euler, crystal))], crystal=crystal, resolution=resolution,
+                          attrs={"source": source, "source_format": fmt}, source=source)
 
 
 def reduced_euler(euler: np.ndarray, crystal: str) -> np.ndarray:

@@ -246,7 +246,7 @@ def fingerprint_volume(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Fingerprint every window of a volume file and write ``out`` (parquet); returns the summary."""
-    from microfp.fingerprints import latent_columns, write_table
+    from microfp.tables import latent_columns, write_table
     from microfp.model import load_vae
 
     t0 = time.perf_counter()
