@@ -126,3 +126,12 @@ def test_a_veset_checks_itself_when_made_and_reads_and_writes_itself(tmp_path):
     made.write(tmp_path / "s.h5")
     back = VESet.read(tmp_path / "s.h5")
     assert back.source == str(tmp_path / "s.h5") and np.array_equal(back.grain_ids, made.grain_ids)
+
+
+def test_euler_bounds_are_one_value_everywhere():
+    from microfp import crystallography, rotations
+    from microfp.shards import EULER_MAX
+
+    # crystallography keeps a literal copy (its source is hashed into every shard): it must not drift
+    assert crystallography.EULER_SCALE == rotations.EULER_SCALE == EULER_MAX
+    assert EULER_SCALE.dtype == np.float32 and np.array_equal(EULER_SCALE, np.float32(EULER_MAX))

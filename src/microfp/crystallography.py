@@ -30,7 +30,6 @@ import damask
 import numpy as np
 
 from microfp.config import TEXTURES_DEG, SetSpec
-from microfp.shards import EULER_MAX
 
 __all__ = [
     "EULER_SCALE",
@@ -51,7 +50,7 @@ Family = Literal["cubic", "hexagonal"]
 
 TWO_PI = 2.0 * np.pi
 #: Divisors that map (phi1, Phi, phi2) to [0, 1] (paper section 2.1).
-EULER_SCALE: tuple[float, float, float] = EULER_MAX
+EULER_SCALE: tuple[float, float, float] = (TWO_PI, np.pi, TWO_PI)
 
 
 def _seed_from(rng: np.random.Generator) -> int:

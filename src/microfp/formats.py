@@ -60,12 +60,12 @@ from microfp.errors import MicrofpError
 from microfp.shards import (
     CRYSTAL_FAMILIES,
     EULER_SCALE,
-    MAX_GRAINS,
     ShardError,
     VESet,
     read_shard,
     validate,
 )
+from microfp.volumes import MAX_GRAINS
 
 __all__ = [
     "FormatError",

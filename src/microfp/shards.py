@@ -41,9 +41,8 @@ EULER_MAX: tuple[float, float, float] = (2 * math.pi, math.pi, 2 * math.pi)
 """Upper bounds of Bunge Euler angles (phi1, Phi, phi2), radians: the VAE's input is the angles
 divided by them, in [0, 1] (paper section 2.1)."""
 EULER_SCALE = np.array(EULER_MAX, dtype=np.float32)
-""":data:`EULER_MAX` in float32, the precision of the stored angles."""
-MAX_GRAINS = 65535
-"""Most grains one VE may have (grain ids are stored as uint16)."""
+""":data:`EULER_MAX` in float32, the precision of the stored angles. (``microfp.crystallography`` keeps
+a copy of EULER_MAX: its source is hashed into every shard, so an edit there would change them all.)"""
 
 
 class ShardError(MicrofpError):

@@ -57,7 +57,6 @@ from scipy.spatial import cKDTree
 
 from microfp.config import SetSpec
 from microfp.crystallography import grain_orientations
-from microfp.shards import MAX_GRAINS
 
 __all__ = [
     "GeneratedVE",
@@ -73,6 +72,9 @@ __all__ = [
     "relabel_contiguous",
     "sample_esds",
 ]
+
+#: The largest number of grains a uint16 grain-id map can hold.
+MAX_GRAINS = 65535
 
 #: Above this many seeds the KD-tree assignment is used (measured: brute is 2.4x faster at 377
 #: seeds on 64^3 with fitted weights, the 4D tree prunes poorly; the tree scales better).
