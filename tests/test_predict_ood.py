@@ -27,10 +27,15 @@ def test_predict_reports_the_ood_percentile(tiny_hcp, tmp_path):  # noqa: F811 -
     shard = root / "ves" / "hcp" / "shard-00000.h5"
     result = run_cli("predict", str(shard), "--checkpoint", str(out), "--out", str(tmp_path / "c.csv"))
     assert result.returncode == 0, result.stderr
-    scores = predictor.ood.score(predictor.fingerprint_file(shard))
+    assert list(predictor.ood.checks) == ["fingerprint", "microstructure"]
+    fields = predictor.read_fields(shard)
+    scores = predictor.ood.score(predictor.fingerprint(fields), fields)
     lines = [line for line in result.stderr.splitlines() if line.startswith("VE ")]
-    assert len(lines) == len(scores["ood_percentile"]) > 1
-    for line, pct, flag in zip(lines, scores["ood_percentile"], scores["ood_flag"]):
-        assert f"percentile {pct:.0f} of the validation VEs" in line
-        assert ("WARNING" in line) == bool(flag)
+    assert len(lines) == len(scores["ood_flag"]) > 1
+    for i, line in enumerate(lines):
+        for check in ("fingerprint", "microstructure"):
+            d, pct = scores[f"ood_{check}_distance"][i], scores[f"ood_{check}_percentile"][i]
+            assert f"{check} distance {d:.3g} (percentile {pct:.0f})" in line, line
+            assert (f"{check} check" in line) == bool(scores[f"ood_{check}_flag"][i]), line
+        assert ("WARNING" in line) == bool(scores["ood_flag"][i])
     ood.default_path(tiny_hcp["ckpt"]).unlink()  # the fixture is shared: leave it as it was

@@ -60,13 +60,16 @@ def dream3d_volume(path: Path, cells, spacing, grains: int = 60, phases=None, gr
     return write_dream3d_volume(path, volume)
 
 
-def damask_grid(folder: Path, cells, size, grains: int, lattice: str = "cF", seed: int = 3) -> Path:
-    """Write a DAMASK grid + material.yaml with damask's own writers."""
+def damask_grid(folder: Path, cells, size, grains: int, lattice: str = "cF", seed: int = 3, cube_texture: bool = False) -> Path:
+    """Write a DAMASK grid + material.yaml with damask's own writers (random texture, or cube
+    texture with a 3 degree spread)."""
     folder.mkdir(parents=True, exist_ok=True)
     ids = voronoi(cells, size, grains, seed)
     g = int(ids.max()) + 1
     damask.GeomGrid(ids, np.array(size, float)).save(folder / "grid.vti")
-    config = damask.ConfigMaterial().material_add(O=damask.Rotation.from_random(g, rng_seed=seed), phase="Cu", homogenization="SX")
+    rotations = (damask.Rotation.from_spherical_component(damask.Rotation(), 3.0, g, degrees=True, rng_seed=seed)
+                 if cube_texture else damask.Rotation.from_random(g, rng_seed=seed))
+    config = damask.ConfigMaterial().material_add(O=rotations, phase="Cu", homogenization="SX")
     config["phase"]["Cu"] = {"lattice": lattice}
     config.save(folder / "material.yaml")
     return folder / "grid.vti"
@@ -133,11 +136,14 @@ def test_non_cubic_dream3d_with_anisotropic_spacing(model: dict, tmp_path: Path,
     assert "factor 0.5 x 0.5 x 2" in stdout and "40 x 24 x 20 voxels of 1" in stdout
     table = pd.read_parquet(out)
     assert len(table) == 4 * 2 * 1  # 16^3 windows every 8 voxels inside 40 x 24 x 20
-    assert {"window", "x0", "y0", "z0", "n_grains", "phase", "ood_distance", "ood_percentile", "ood_flag"} <= set(table.columns)
+    ood_columns = {f"ood_{check}_{what}" for check in ood.CHECKS for what in ("distance", "percentile", "flag")}
+    assert {"window", "x0", "y0", "z0", "n_grains", "phase", "ood_percentile", "ood_flag"} | ood_columns <= set(table.columns)
     assert (table["x0"] + 16 <= 40).all() and (table["phase"] == "ferrite").all()
     assert (table["n_grains"] > 1).all() and np.isfinite(table[latent_columns(8)].to_numpy()).all()
     assert str(table["z_0"].dtype) == "float32" and ((table["ood_percentile"] >= 0) & (table["ood_percentile"] <= 100)).all()
     assert f"{int(table['ood_flag'].sum())} of 8 windows" in stdout
+    assert (table["ood_flag"] == (table["ood_fingerprint_flag"] | table["ood_microstructure_flag"])).all()
+    assert f"microstructure check: {int(table['ood_microstructure_flag'].sum())} flagged" in stdout
 
 
 def test_two_phase_file_with_phase_choice(model: dict, tmp_path: Path, capsys) -> None:
@@ -203,6 +209,22 @@ def test_cubic_grid_at_the_model_resolution_gives_the_plain_fingerprint(model: d
     table = pd.read_parquet(out)
     assert len(table) == 1 and table["n_grains"].iloc[0] == ves.n_grains[0]
     np.testing.assert_allclose(table[latent_columns(8)].to_numpy(), mu, atol=1e-5)
+    # the OOD columns are those of the plain VE, the microstructure check from its orientation field
+    scores = ood.load(ood.default_path(model["ckpt"])).score(table[latent_columns(8)].to_numpy(), ves.orientation_field(0)[None])
+    for key, value in scores.items():
+        np.testing.assert_array_equal(table[key].to_numpy(), value, err_msg=key)
+
+
+def test_cube_textured_volume_is_flagged_by_the_microstructure_check(model: dict, tmp_path: Path, capsys) -> None:
+    """The model was trained on random textures; its (untrained) VAE does not see texture, the
+    microstructure check does: every window of a cube-textured grid is flagged."""
+    vti = damask_grid(tmp_path / "tex", (32, 32, 16), (32.0, 32.0, 16.0), grains=50, cube_texture=True)
+    out = tmp_path / "t.parquet"
+    code, stdout, err = run("fingerprint-volume", vti, "--checkpoint", model["ckpt"], "--out", out, capsys=capsys)
+    assert code == 0, err
+    table = pd.read_parquet(out)
+    assert len(table) == 4 and table["ood_microstructure_flag"].all() and table["ood_flag"].all()
+    assert (table["ood_microstructure_percentile"] == 100).all() and "4 of 4 windows (100%) flagged" in stdout
 
 
 def test_bad_volumes_are_one_line_errors_and_leave_nothing(model: dict, tmp_path: Path, capsys) -> None:

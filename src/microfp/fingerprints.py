@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import typer
 
+from microfp import ood
 from microfp.config import Params, load_params
 from microfp.errors import MicrofpError
 from microfp.model import load_vae
@@ -202,9 +203,10 @@ def fingerprint(
 ) -> dict[str, int]:
     """Write the VAE and 2-point fingerprint tables of every set; returns VEs per set.
 
-    With ``ood_out``, also the OOD calibration of the VAE (:mod:`microfp.ood`): fitted on the
-    fingerprints of ``evaluate.train_set``, calibrated on those of ``val_set`` (which must be among
-    the sets), with the crystal family, resolution and ve_size the model expects.
+    With ``ood_out``, also the OOD calibration of the VAE (:mod:`microfp.ood`): its two checks (the
+    fingerprints, and microstructure descriptors of the orientation fields) fitted on
+    ``evaluate.train_set``, calibrated on ``val_set`` (which must be among the sets), with the crystal
+    family, resolution and ve_size the model expects.
     """
     t0 = time.time()
     ev = params.evaluate
@@ -239,11 +241,14 @@ def fingerprint(
 
     counts: dict[str, int] = {}
     vae_z: dict[str, np.ndarray] = {}
+    micro: dict[str, np.ndarray] = {}  # input-space descriptors of the OOD check (microfp.ood)
     for name in sets:
-        ids, zs, z2s, descs = [], [], [], []
+        ids, zs, z2s, descs, ms = [], [], [], [], []
         for batch in iter_set_batches(data / name, ev.batch_size, None, params.ve_size):
             mu = vae.encode(batch.x.to(device))[0]
             zs.append(mu.float().cpu().numpy())
+            if ood_out is not None:
+                ms.append(ood.microstructure_descriptor(batch.x.numpy(), batch.crystal))
             z2s.append(pca_for(batch.crystal, name).transform(twopoint_features(batch, params, device)))
             ids.append(batch.ve_id)
             descs.append(descriptors(batch))
@@ -253,27 +258,36 @@ def fingerprint(
         write_table(make_table(name, ve_id, np.concatenate(z2s), desc), out_2pt / f"{name}.parquet")
         counts[name] = len(ve_id)
         vae_z[name] = np.concatenate(zs)
+        if ms:
+            micro[name] = np.concatenate(ms)
         log.info(f"{name}: {len(ve_id)} VEs")
     if ood_out is not None:
-        write_ood(ood_out, vae_z, params, ev.train_set, val_set, _set_crystal(data / ev.train_set), checkpoint)
+        write_ood(ood_out, vae_z, micro, params, ev.train_set, val_set, _set_crystal(data / ev.train_set), checkpoint)
     log.info(f"{sum(counts.values())} VEs of {len(counts)} sets in {time.time() - t0:.1f} s on {device}; "
          f"wrote {out}/ and {out_2pt}/")
     return counts
 
 
-def write_ood(path: str | Path, z: dict[str, np.ndarray], params: Params, train_set: str, val_set: str,
-              crystal: str, checkpoint: str | Path) -> None:
-    """Fit the OOD calibration on the ``train_set`` fingerprints, calibrate on ``val_set``; write it."""
-    from microfp import ood
+def write_ood(path: str | Path, z: dict[str, np.ndarray], micro: dict[str, np.ndarray], params: Params,
+              train_set: str, val_set: str, crystal: str, checkpoint: str | Path) -> None:
+    """Fit the OOD calibration (both checks, :mod:`microfp.ood`) on the ``train_set`` fingerprints ``z``
+    and microstructure descriptors ``micro``, calibrate on ``val_set``; write it, log the share of
+    every set flagged per check and combined."""
+    def both(name: str) -> dict[str, np.ndarray]:
+        return {"fingerprint": z[name], "microstructure": micro[name]}
 
-    cal = ood.fit(z[train_set], z[val_set], {
+    cal = ood.fit(both(train_set), both(val_set), {
         "crystal": crystal, "resolution": params.resolution, "ve_size": params.ve_size,
         "latent_dim": params.latent_dim, "train_set": train_set, "val_set": val_set, "checkpoint": str(checkpoint),
     })
     ood.save(path, cal)
-    flagged = {name: float(cal.score(zs)["ood_flag"].mean()) for name, zs in z.items()}
-    log.info(f"OOD calibration ({train_set} -> {val_set}, threshold {cal.threshold:.3g}) written to {path}; flagged: "
-         + ", ".join(f"{name} {share:.0%}" for name, share in flagged.items()))
+    shares = []
+    for name in z:
+        s = cal.score_descriptors(both(name))
+        shares.append(f"{name} {s['ood_flag'].mean():.0%} ({s['ood_fingerprint_flag'].mean():.0%}/"
+                      f"{s['ood_microstructure_flag'].mean():.0%})")
+    log.info(f"OOD calibration ({train_set} -> {val_set}, threshold {cal.threshold:.3g}) written to {path}; flagged "
+         "(fingerprint/microstructure check): " + ", ".join(shares))
 
 
 def fingerprint_command(

@@ -480,6 +480,10 @@ class Predictor:
 
     def fingerprint_file(self, path: Path, crystal: str | None = None) -> np.ndarray:
         """Fingerprints (N, latent_dim) of every VE in a shard, Dream3D or DAMASK file."""
+        return self.fingerprint(self.read_fields(path, crystal))
+
+    def read_fields(self, path: Path, crystal: str | None = None) -> np.ndarray:
+        """Normalised Euler fields (N, 3, n, n, n) of every VE in a shard, Dream3D or DAMASK file."""
         from microfp.formats import read_ve_file
 
         ves = read_ve_file(path, crystal=crystal)
@@ -488,8 +492,7 @@ class Predictor:
                 f"{path}: {ves.crystal} VE, but the surrogate was trained on {self.crystal} VEs "
                 "(the crystal-plasticity model is HCP Mg)"
             )
-        field = np.stack([ves.orientation_field(i) for i in range(len(ves))])
-        return self.fingerprint(field)
+        return np.stack([ves.orientation_field(i) for i in range(len(ves))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,13 +711,15 @@ def predict_command(
     """Predict the uniaxial stress-strain curve (sigma_xx in MPa at 21 strains) of a VE.
 
     Encodes the VE with the VAE (fingerprint = mu) and evaluates the surrogate; no simulation.
-    Also says, on stderr, how far each VE's fingerprint lies from the training VEs (percentile among
-    the validation VEs) and warns above the 99th: the curve of such a VE is an extrapolation.
+    Also says, on stderr, how far each VE lies from the training VEs, by its fingerprint and by its
+    texture and grain-boundary density (distance, percentile among the validation VEs), and warns
+    when either lies beyond what 99% of the validation VEs reach: the curve is an extrapolation.
     """
     predictor = Predictor.load(checkpoint, vae)
-    z = predictor.fingerprint_file(ve_file, crystal)
+    fields = predictor.read_fields(ve_file, crystal)
+    z = predictor.fingerprint(fields)
     curves = predictor.curve_pa(z) / MPA
-    _report_ood(predictor, z, checkpoint)
+    _report_ood(predictor, z, fields, checkpoint)
     eps = predictor.strains
     table = pd.DataFrame({"strain": eps, **{f"ve_{i}_sigma_xx_mpa": c for i, c in enumerate(curves)}})
     if out is not None:
@@ -739,16 +744,24 @@ def predict_command(
         save_figure(fig, plot)
 
 
-def _report_ood(predictor: Predictor, z: np.ndarray, checkpoint: Path) -> None:
-    """One stderr line per VE: OOD distance, percentile among validation VEs, and a warning when flagged."""
+def _report_ood(predictor: Predictor, z: np.ndarray, fields: np.ndarray, checkpoint: Path) -> None:
+    """One stderr line per VE: per OOD check the distance and percentile among the validation VEs,
+    and a warning naming the checks that fire."""
     import sys
 
     if predictor.ood is None:
         print(f"microfp: note: {checkpoint} has no OOD calibration (rerun `dvc repro surrogate`); "
               "no out-of-distribution check", file=sys.stderr)
         return
-    scores = predictor.ood.score(z)
-    for i, (d, pct, flag) in enumerate(zip(scores["ood_distance"], scores["ood_percentile"], scores["ood_flag"])):
-        verdict = ("WARNING: outside the training distribution, the curve is an extrapolation" if flag
-                   else "within the training distribution")
-        print(f"VE {i}: OOD distance {d:.3g}, percentile {pct:.0f} of the validation VEs: {verdict}", file=sys.stderr)
+    checks = list(predictor.ood.checks)
+    if "microstructure" not in checks:
+        print(f"microfp: note: the OOD calibration in {checkpoint} checks the fingerprint only (rerun `dvc repro` "
+              "for the texture and grain-boundary check)", file=sys.stderr)
+    scores = predictor.ood.score(z, fields)
+    for i in range(len(z)):
+        parts = [f"{name} distance {scores[f'ood_{name}_distance'][i]:.3g} (percentile {scores[f'ood_{name}_percentile'][i]:.0f})"
+                 for name in checks]
+        fired = [name for name in checks if scores[f"ood_{name}_flag"][i]]
+        verdict = (f"WARNING: outside the training distribution ({' and '.join(fired)} check), the curve is an extrapolation"
+                   if scores["ood_flag"][i] else "within the training distribution")
+        print(f"VE {i}: OOD {', '.join(parts)} among the validation VEs: {verdict}", file=sys.stderr)
