@@ -50,7 +50,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: str) -> None:
 
 def load_fields(data: Path, names: list[str], limit: int, ve_size: int) -> dict[str, tuple[torch.Tensor, str]]:
     """(B, 3, n, n, n) normalised Euler fields and crystal family of the first ``limit`` VEs per set."""
-    from microfp.evaluate import iter_set_batches
+    from microfp.setdata import iter_set_batches
 
     out = {}
     for name in names:
@@ -114,8 +114,10 @@ def run(args: argparse.Namespace) -> None:
     import lightning as L
 
     from microfp.config import parse_params
+    from microfp.console import setup_logging
     from microfp.train import train
 
+    setup_logging()  # train's one line per epoch, as under `microfp train`
     raw = yaml.safe_load(Path(args.params).read_text())
     for item in args.set or []:
         key, _, value = item.partition("=")

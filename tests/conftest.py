@@ -17,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _stage_logging():
+    """The stages' log lines go to stderr as under `microfp` (whose entry point sets this up)."""
+    from microfp.console import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_store(tmp_path_factory, monkeypatch):
     """Runs that the stages log during tests go to a throw-away store, never the repo's mlflow.db.

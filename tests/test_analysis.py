@@ -23,7 +23,7 @@ from microfp.analysis import (
 )
 from microfp.errors import MicrofpError
 from microfp.fingerprints import latent_columns, make_table, write_table
-from microfp.train import CheckpointError
+from microfp.model import CheckpointError
 from test_evaluate import make_checkpoint, no_temp_files, tiny, tiny_params  # noqa: F401 - fixture
 
 # ---------------------------------------------------------------------------------------------

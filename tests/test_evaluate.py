@@ -15,18 +15,13 @@ from conftest import tiny_raw
 from microfp.config import Params, parse_params
 from microfp.datasets import generate_set
 from microfp.errors import MicrofpError
-from microfp.evaluate import (
-    disorientation_angle,
-    disorientation_angle_damask,
-    euler_to_quaternion_t,
-    evaluate,
-    find_sets,
-    phi4,
-    quaternion_multiply,
-    reconstruction_metrics,
-)
+from microfp.evaluate import disorientation_angle, disorientation_angle_damask, evaluate, reconstruction_metrics
+from microfp.rotations import euler_to_quaternion as euler_to_quaternion_t
+from microfp.rotations import phi4, quaternion_multiply
+from microfp.setdata import find_sets
 from microfp.shards import EULER_SCALE, ShardError
-from microfp.train import CheckpointError, VAEModule
+from microfp.model import CheckpointError
+from microfp.train import VAEModule
 
 FAMILIES = ("cubic", "hexagonal")
 
@@ -233,7 +228,7 @@ def test_evaluate_selected_sets_and_an_ideal_model(tiny: dict[str, Any], tmp_pat
         def decode(self, z: torch.Tensor) -> torch.Tensor:
             return z
 
-    monkeypatch.setattr(ev, "load_model", lambda *a, **k: Identity())
+    monkeypatch.setattr(ev, "load_vae", lambda *a, **k: Identity())
     params = tiny_params(evaluate={"sets": ["cube", "hcp"]})
     out = evaluate(params, tiny["ckpt"], tiny["data"], tmp_path / "r.json", None)
     assert set(out) == {"cube", "hcp"}

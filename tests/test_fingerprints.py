@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from microfp.errors import MicrofpError
-from microfp.evaluate import iter_set_batches
+from microfp.setdata import iter_set_batches
 from microfp.fingerprints import (
     autocorrelations,
     fingerprint,
@@ -22,7 +22,7 @@ from microfp.fingerprints import (
     twopoint_features,
 )
 from microfp.shards import ShardError, read_set
-from microfp.train import CheckpointError, load_vae
+from microfp.model import CheckpointError, load_vae
 from microfp.volumes import grain_esd
 from test_evaluate import make_checkpoint, no_temp_files, tiny, tiny_params  # noqa: F401 - fixture
 

@@ -522,9 +522,13 @@ def test_damask_bad_input(tmp_path, case, capfd):
 
 def test_export_rejects_bad_sets_and_leaves_nothing(tmp_path):
     ves = voronoi_ve(grains=6)
-    nan = VESet(**{**ves.__dict__, "euler": ves.euler.copy()})
+    with pytest.raises(MicrofpError) as excinfo:  # a VESet checks itself when made ...
+        VESet(**{**ves.__dict__, "euler": np.degrees(ves.euler)})
+    assert_one_line_error(excinfo, "degrees")
+    nan = VESet(**{**ves.__dict__, "euler": ves.euler.copy()})  # ... and the writers check it again
     nan.euler[0, 2, 1] = np.nan
-    degrees = VESet(**{**ves.__dict__, "euler": np.degrees(ves.euler)})
+    degrees = VESet(**{**ves.__dict__, "euler": ves.euler.copy()})
+    degrees.euler[:] = np.degrees(degrees.euler)
     for bad, words in ((nan, ("NaN",)), (degrees, ("degrees",))):
         with pytest.raises(MicrofpError) as excinfo:
             write_dream3d(tmp_path / "x.dream3d", bad)

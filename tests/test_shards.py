@@ -110,3 +110,28 @@ def test_invalid_content_is_refused_and_nothing_written(tmp_path, corrupt, messa
     with pytest.raises(ShardError, match=message):
         write_shard(tmp_path / "s.h5", ves)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_veset_checks_itself_when_made_and_reads_and_writes_itself(tmp_path):
+    good = make_set()
+    with pytest.raises(ShardError, match="crystal family"):
+        VESet(**{**good.__dict__, "crystal": "tetragonal"})
+    ids = good.grain_ids.copy()
+    ids[0, 0, 0, 0] = 60
+    with pytest.raises(ShardError, match=r"^imported\.h5: VE 0 has grain id 60"):
+        VESet(**{**good.__dict__, "grain_ids": ids, "source": "imported.h5"})
+    made = VESet.from_ves([(good.grain_ids[i], good.grain_euler(i)) for i in range(len(good))], "cubic", 0.5)
+    assert np.array_equal(made.euler, good.euler, equal_nan=True) and np.array_equal(made.grain_ids, good.grain_ids)
+    assert made.ve_index.tolist() == [0, 1, 2] and np.isnan(made.esd_target).all()
+    made.write(tmp_path / "s.h5")
+    back = VESet.read(tmp_path / "s.h5")
+    assert back.source == str(tmp_path / "s.h5") and np.array_equal(back.grain_ids, made.grain_ids)
+
+
+def test_euler_bounds_are_one_value_everywhere():
+    from microfp import crystallography, rotations
+    from microfp.shards import EULER_MAX
+
+    # crystallography keeps a literal copy (its source is hashed into every shard): it must not drift
+    assert crystallography.EULER_SCALE == rotations.EULER_SCALE == EULER_MAX
+    assert EULER_SCALE.dtype == np.float32 and np.array_equal(EULER_SCALE, np.float32(EULER_MAX))

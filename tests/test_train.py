@@ -23,10 +23,9 @@ import torch
 from microfp.config import Params, parse_params
 from microfp.errors import MicrofpError
 from microfp.shards import EULER_SCALE, VESet, read_shard, write_shard
+from microfp.model import CheckpointError, load_vae
 from microfp.train import (
-    CheckpointError,
     ShardDataset,
-    load_vae,
     train,
     train_command,
 )

@@ -17,7 +17,7 @@ from microfp.datasets import generate_set
 from microfp.fingerprints import fingerprint, latent_columns
 from microfp.formats import Phase, Volume, read_damask, read_dream3d_volume, read_volume, reduced_euler, write_dream3d_volume
 from microfp.shards import euler_field
-from microfp.train import load_vae
+from microfp.model import load_vae
 from microfp.volume_fingerprints import cut_window, resample, window_origins
 
 from conftest import run_cli, tiny_raw

@@ -29,7 +29,7 @@ morphology problem and 53 % (chance) for large vs elongated.
 from __future__ import annotations
 
 import io
-import sys
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -43,8 +43,13 @@ import typer
 from microfp.atomic import save_figure, write_json, write_text
 from microfp.config import Params, load_params
 from microfp.errors import MicrofpError
-from microfp.evaluate import DEFAULT_DATA, iter_set_batches, load_model, log_mlflow, pick_device
-from microfp.fingerprints import latent_columns, read_fingerprints
+from microfp.model import load_vae
+from microfp.rotations import euler_to_quaternion, phi4
+from microfp.runtime import pick_device
+from microfp.setdata import DEFAULT_DATA, iter_set_batches
+from microfp.shards import EULER_SCALE
+from microfp.tables import latent_columns, read_fingerprints
+from microfp.tracking import log_mlflow
 
 __all__ = [
     "METHODS",
@@ -61,8 +66,7 @@ __all__ = [
 METHODS = {"vae": "data/fingerprints", "twopoint": "data/fingerprints_2pt"}
 
 
-def _say(msg: str) -> None:
-    print(f"[microfp analyse] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +157,6 @@ def interpolate(z1: torch.Tensor, z2: torch.Tensor, steps: int) -> torch.Tensor:
 def interpolation_path(params: Params, checkpoint: str | Path, data: str | Path) -> dict[str, Any]:
     """Decode the linear path between two VEs of ``evaluate.interpolation_set``; mid-slices and the phi4
     between consecutive decoded steps (how smooth the path is)."""
-    from microfp.evaluate import euler_to_quaternion_t, phi4
-    from microfp.shards import EULER_SCALE
-
     ev = params.evaluate
     device = pick_device(ev.device)
     i, j = ev.interpolation_pair
@@ -169,13 +170,13 @@ def interpolation_path(params: Params, checkpoint: str | Path, data: str | Path)
         raise MicrofpError(
             f"evaluate.interpolation_pair {list(ev.interpolation_pair)}: set {ev.interpolation_set!r} has only {len(x_all)} VEs"
         )
-    vae = load_model(checkpoint, params, device)
+    vae = load_vae(checkpoint, expect=params, device=device)
     x = x_all[[i, j]].to(device)
     mu = vae.encode(x)[0]
     path = interpolate(mu[0], mu[1], ev.interpolation_steps)
     decoded = vae.decode(path).float()
     scale = decoded.new_tensor(EULER_SCALE).view(1, 3, 1, 1, 1)
-    q = euler_to_quaternion_t((decoded.double() * scale.double()).movedim(1, -1))
+    q = euler_to_quaternion((decoded.double() * scale.double()).movedim(1, -1))
     steps = phi4(q[1:], q[:-1]).mean(dim=(1, 2, 3)).cpu().numpy()
     mid = params.ve_size // 2
     ve_ids = np.concatenate(ids)
@@ -299,16 +300,16 @@ def analyse_method(params: Params, method: str, directory: Path) -> tuple[dict[s
     for group, sets in ev.cluster_groups.items():
         missing = [s for s in sets if s not in pcs]
         if missing:
-            _say(f"{method}: skipping clustering {group!r} (no fingerprints of {', '.join(missing)})")
+            log.info(f"{method}: skipping clustering {group!r} (no fingerprints of {', '.join(missing)})")
             continue
         x = np.concatenate([pcs[s][["pc1", "pc2", "pc3"]].to_numpy() for s in sets])
         y = np.concatenate([np.full(len(pcs[s]), s, dtype=object) for s in sets]).astype(str)
         if len(y) <= len(sets):
-            _say(f"{method}: skipping clustering {group!r} (only {len(y)} VEs)")
+            log.info(f"{method}: skipping clustering {group!r} (only {len(y)} VEs)")
             continue
         for key, value in cluster_problem(x, y, params.seed, ev.cluster_neighbors).items():
             metrics[f"{group}_{key}"] = value
-        _say(f"{method}: {group} accuracy {metrics[f'{group}_accuracy']:.3f} (chance {metrics[f'{group}_chance']:.3f})")
+        log.info(f"{method}: {group} accuracy {metrics[f'{group}_accuracy']:.3f} (chance {metrics[f'{group}_chance']:.3f})")
     table = pd.concat(
         [df.assign(group=g) for g, sets in [("train", [ev.train_set])] + list(ev.cluster_groups.items())
          for s in sets if (df := pcs.get(s)) is not None],
@@ -362,7 +363,7 @@ def analyse(
         }
     write_json(metrics, results)
     log_mlflow("analyse", params, results, checkpoint)
-    _say(f"done in {time.time() - t0:.1f} s; wrote {metrics} and {plots}/")
+    log.info(f"done in {time.time() - t0:.1f} s; wrote {metrics} and {plots}/")
     return results
 
 

@@ -26,14 +26,41 @@ def atomic_path(path: Path) -> Path:
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; rename it to ``path`` if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
+    with atomic_outputs(path) as (tmp,):
         yield tmp
-        os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_outputs(*paths: str | Path) -> Iterator[list[Path]]:
+    """:func:`atomic_output` for files that belong together (a grid and its material file): yield a
+    temporary path per file and rename them all if the block succeeds. If it fails, or a rename
+    fails, none of the files that did not exist before is left (a replaced one is not restored)."""
+    targets = [Path(p) for p in paths]
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    temps = [atomic_path(path) for path in targets]
+    created: list[Path] = []
+    try:
+        yield temps
+        for path, tmp in zip(targets, temps):
+            existed = path.exists()
+            os.replace(tmp, path)
+            if not existed:
+                created.append(path)
+    except BaseException:  # KeyboardInterrupt too: leave nothing half-done
+        for path in created:
+            _unlink(path)
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            _unlink(tmp)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from microfp import runlog
+from microfp.console import setup_logging
 from microfp.errors import MicrofpError
 
 app = typer.Typer(
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; print bad input as one line and return exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     quiet_third_party_warnings()
+    setup_logging()
     _register_lazy_commands(argv)
     started = time.perf_counter()
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +24,9 @@ import numpy as np
 from microfp import shards, volumes
 from microfp.atomic import save_figure, write_json
 from microfp.config import TEXTURES_DEG, Params, SetSpec
+from microfp.console import ProgressBar
 from microfp.errors import MicrofpError
+from microfp.runtime import resolve_workers
 
 GENERATOR = "laguerre-v1"
 """Name of the generator algorithm, stored in each shard."""
@@ -141,16 +142,6 @@ def _map(jobs: Iterable[Any], workers: int) -> Iterator[Any]:
         yield from pool.map(_make_ve, jobs, chunksize=2)
 
 
-def resolve_workers(workers: int) -> int:
-    """0 means all cores available to this process."""
-    if workers > 0:
-        return workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def generate_set(params: Params, set_name: str, out_dir: Path, workers: int = 0, progress: bool = True) -> int:
     """Write all shards of ``set_name`` into ``out_dir``; returns the number of VEs generated now."""
     if set_name not in params.generate.sets:
@@ -170,44 +161,15 @@ def generate_set(params: Params, set_name: str, out_dir: Path, workers: int = 0,
             for _ in ranges[k]:
                 ves.append(next(results))
                 advance()
-            grain_ids, euler, n_grains = shards.pack([(g, e) for g, e, _ in ves])
-            shards.write_shard(
-                shard_path(out_dir, k),
-                shards.VESet(
-                    grain_ids=grain_ids,
-                    euler=euler,
-                    n_grains=n_grains,
-                    ve_index=np.asarray(ranges[k], dtype=np.int64),
-                    esd_target=np.array([t for _, _, t in ves], dtype=np.float32),
-                    crystal=spec.crystal,
-                    resolution=params.resolution,
-                    attrs=attrs,
-                ),
-            )
+            shards.VESet.from_ves(
+                [(g, e) for g, e, _ in ves],
+                crystal=spec.crystal,
+                resolution=params.resolution,
+                ve_index=np.asarray(ranges[k], dtype=np.int64),
+                esd_target=np.array([t for _, _, t in ves], dtype=np.float32),
+                attrs=attrs,
+            ).write(shard_path(out_dir, k))
     return len(jobs)
-
-
-class ProgressBar:
-    """A rich progress bar with ETA (or nothing when disabled) whose context value is ``advance()``."""
-
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
-        self.enabled, self.label, self.total = enabled and total > 0, label, total
-
-    def __enter__(self):  # noqa: ANN204 - context manager protocol
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-        )
-        self._bar.__enter__()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._bar.__exit__(*exc)
 
 
 # --- statistics and pictures -------------------------------------------------------------------

@@ -33,13 +33,10 @@ voxels. All files are written atomically.
 
 from __future__ import annotations
 
-import math
-import sys
+import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -48,48 +45,34 @@ import typer
 from microfp.atomic import save_figure, write_json
 from microfp.config import Params, load_params
 from microfp.errors import MicrofpError
+from microfp.model import load_vae
 from microfp.rotations import (
     align_to,
     disorientation_cos_half,
     euler_field_to_quaternion,
+    phi4,
     quaternion_field_to_euler,
-    quaternion_multiply,
 )
 from microfp.rotations import euler_to_quaternion as euler_to_quaternion_t
-from microfp.shards import EULER_SCALE, ShardError, read_shard, shard_paths
+from microfp.runtime import pick_device
+from microfp.setdata import DEFAULT_DATA, find_sets, iter_set_batches
+from microfp.shards import EULER_SCALE, ShardError
+from microfp.tracking import log_mlflow
 
 __all__ = [
-    "DEFAULT_DATA",
-    "SetBatch",
     "disorientation_angle",
     "disorientation_angle_damask",
-    "euler_to_quaternion_t",
     "evaluate",
     "evaluate_command",
-    "find_sets",
-    "iter_set_batches",
-    "log_mlflow",
-    "phi4",
-    "pick_device",
-    "quaternion_multiply",
+    "mean_field",
     "reconstruction_metrics",
 ]
 
-DEFAULT_DATA = Path("data/ves")
-
-
-def _say(msg: str, stage: str = "evaluate") -> None:
-    print(f"[microfp {stage}] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
 # Orientation metrics (torch, any device, any batch shape)
-
-
-def phi4(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
-    """Paper eq. 5: ``1 - |q1 . q2|`` per pair of unit quaternions ``(..., 4)``; in [0, 1], 0 for equal
-    rotations (including ``q`` and ``-q``). Not symmetry-aware."""
-    return (1.0 - (q1 * q2).sum(-1).abs()).clamp(0.0, 1.0)
 
 
 def disorientation_angle(q1: torch.Tensor, q2: torch.Tensor, family: str) -> torch.Tensor:
@@ -149,85 +132,7 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor, family: str) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Sets on disk, devices, the model
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MicrofpError("evaluate.device is 'cuda' but no CUDA GPU is available (use 'auto' or 'cpu')")
-    return torch.device(name)
-
-
-def find_sets(data: str | Path, names: list[str] | None = None) -> list[str]:
-    """Set names to process: ``names`` (each must have shards), or every folder of ``data`` with shards,
-    in the order train, val, then alphabetical. :class:`ShardError` when there is nothing to read."""
-    data = Path(data)
-    if names is not None:
-        for name in names:
-            shard_paths(data / name)  # one-line ShardError when missing
-        return list(names)
-    if not data.is_dir():
-        raise ShardError(f"{data}: no such data directory (run `microfp generate` or `dvc repro` first)")
-    found = sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.glob("shard-*.h5")))
-    if not found:
-        raise ShardError(f"{data}: no sets with shards found (run `microfp generate` or `dvc repro` first)")
-    first = [s for s in ("train", "val") if s in found]
-    return first + [s for s in found if s not in first]
-
-
-@dataclass
-class SetBatch:
-    """A batch of VEs of one set: normalised fields and what the shards say about them."""
-
-    x: torch.Tensor  # (B, 3, n, n, n) float32 in [0, 1]
-    ve_id: np.ndarray  # (B,) int64
-    grain_ids: list[np.ndarray]  # (n, n, n) per VE
-    euler: list[np.ndarray]  # (G_i, 3) Bunge radians per VE
-    n_grains: np.ndarray
-    esd_target: np.ndarray
-    crystal: str
-    texture: str
-    resolution: float
-
-
-def iter_set_batches(
-    set_dir: str | Path, batch_size: int, limit: int | None = None, ve_size: int | None = None
-) -> Iterator[SetBatch]:
-    """Batches of the first ``limit`` VEs (all when None) of a set directory, shard by shard.
-
-    Shards are read and validated one at a time (one-line :class:`ShardError` when bad); with
-    ``ve_size`` a VE of another size is an error that says so.
-    """
-    seen = 0
-    for path in shard_paths(set_dir):
-        if limit is not None and seen >= limit:
-            return
-        ves = read_shard(path)
-        if ve_size is not None and ves.ve_size != ve_size:
-            raise ShardError(
-                f"{path}: VEs are {ves.ve_size}^3 voxels but params.yaml has ve_size={ve_size} "
-                "(regenerate the data or change ve_size)"
-            )
-        n = len(ves) if limit is None else min(len(ves), limit - seen)
-        texture = str(ves.attrs.get("texture", "unknown"))
-        for start in range(0, n, batch_size):
-            idx = range(start, min(start + batch_size, n))
-            x = torch.from_numpy(np.stack([ves.orientation_field(i) for i in idx]))
-            yield SetBatch(
-                x=x,
-                ve_id=ves.ve_index[list(idx)].astype(np.int64),
-                grain_ids=[ves.grain_ids[i] for i in idx],
-                euler=[ves.grain_euler(i) for i in idx],
-                n_grains=ves.n_grains[list(idx)].astype(np.int64),
-                esd_target=ves.esd_target[list(idx)].astype(np.float64),
-                crystal=ves.crystal,
-                texture=texture,
-                resolution=float(ves.resolution),
-            )
-        seen += n
+# The set's mean field
 
 
 def mean_field(x: torch.Tensor, crystal: str, iterations: int = 3) -> torch.Tensor:
@@ -249,42 +154,6 @@ def set_mean_field(set_dir: str | Path, batch_size: int, limit: int | None, ve_s
     if not batches:
         raise ShardError(f"{set_dir}: no VEs to evaluate")
     return mean_field(torch.cat([b.x for b in batches]), batches[0].crystal)
-
-
-def load_model(checkpoint: str | Path, params: Params, device: torch.device) -> Any:
-    """The trained VAE of ``checkpoint`` (architecture checked against ``params``), eval mode, on
-    ``device``. One-line :class:`microfp.train.CheckpointError` when missing, corrupt or mismatched."""
-    from microfp.train import load_vae
-
-    vae = load_vae(checkpoint, expect=params)
-    return vae.to(device).eval()
-
-
-def log_mlflow(stage: str, params: Params, metrics: dict[str, Any], checkpoint: str | Path | None) -> str | None:
-    """Log a finished stage to MLflow with :mod:`microfp.tracking` (experiment ``microfp-<stage>``,
-    ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``): parameters, metrics flattened to ``a.b`` keys,
-    the checkpoint. A tracking failure is reported, never fatal (the stage's files are written)."""
-    if not params.evaluate.mlflow:
-        return None
-    try:
-        from microfp.tracking import log_finished_run
-
-        finite = {k: v for k, v in _flat(metrics).items() if np.isfinite(float(v))}
-        tags = {"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else None
-        return log_finished_run(f"microfp-{stage}", stage, params.model_dump(mode="json"), finite, tags)
-    except Exception as err:  # noqa: BLE001 - tracking is secondary to the stage's files
-        _say(f"warning: MLflow logging failed ({(str(err).splitlines() or [type(err).__name__])[0][:200]})", stage)
-        return None
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)):
-            out[f"{prefix}{k}"] = float(v)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +196,7 @@ def evaluate(
     ev = params.evaluate
     device = pick_device(ev.device)
     sets = find_sets(data, ev.sets)  # fail on missing shards before loading the model
-    vae = load_model(checkpoint, params, device)
+    vae = load_vae(checkpoint, expect=params, device=device)
     results: dict[str, dict[str, float]] = {}
     for name in sets:
         per_ve: dict[str, list[np.ndarray]] = {
@@ -363,14 +232,14 @@ def evaluate(
         arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per_ve.items()}
         results[name] = _summary(arrays)
         r = results[name]
-        _say(f"{name}: {r['n_ves']} VEs ({crystal}), phi4 {r['phi4_mean']:.4f} +- {r['phi4_std']:.4f}, "
+        log.info(f"{name}: {r['n_ves']} VEs ({crystal}), phi4 {r['phi4_mean']:.4f} +- {r['phi4_std']:.4f}, "
              f"disorientation {r['disorientation_deg_mean']:.2f} deg (mean field: {r['mean_field_phi4_mean']:.4f}, "
              f"{r['mean_field_disorientation_deg_mean']:.2f} deg)")
         if plots is not None:
             plot_reconstruction(Path(plots) / f"{name}.png", name, examples, arrays["phi4"], results[name])
     write_json(metrics, results)
     log_mlflow("evaluate", params, results, checkpoint)
-    _say(f"{len(sets)} sets in {time.time() - t0:.1f} s on {device}; wrote {metrics}")
+    log.info(f"{len(sets)} sets in {time.time() - t0:.1f} s on {device}; wrote {metrics}")
     return results
 
 

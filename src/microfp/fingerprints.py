@@ -37,21 +37,22 @@ concatenation is reduced with a PCA fitted on (up to ``evaluate.twopoint_max_fit
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
-import pandas as pd
 import torch
 import typer
 
 from microfp import ood
-from microfp.atomic import atomic_output
 from microfp.config import Params, load_params
 from microfp.errors import MicrofpError
-from microfp.evaluate import DEFAULT_DATA, SetBatch, find_sets, iter_set_batches, load_model, pick_device
+from microfp.model import load_vae
+from microfp.runtime import pick_device
+from microfp.setdata import DEFAULT_DATA, SetBatch, find_sets, iter_set_batches
+from microfp.tables import DESCRIPTOR_COLUMNS, latent_columns, make_table, read_fingerprints, write_table
 from microfp.volumes import grain_esd
 
 __all__ = [
@@ -67,15 +68,7 @@ __all__ = [
     "write_table",
 ]
 
-DESCRIPTOR_COLUMNS = ("esd_mean", "n_grains", "texture", "esd_target", "crystal")
-
-
-def _say(msg: str) -> None:
-    print(f"[microfp fingerprint] {msg}", file=sys.stderr, flush=True)
-
-
-def latent_columns(k: int) -> list[str]:
-    return [f"z_{i}" for i in range(k)]
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,36 +181,6 @@ def descriptors(batch: SetBatch) -> dict[str, np.ndarray]:
     }
 
 
-def make_table(set_name: str, ve_id: np.ndarray, z: np.ndarray, desc: dict[str, np.ndarray]) -> pd.DataFrame:
-    cols: dict[str, Any] = {"ve_id": ve_id.astype(np.int64), "set": np.full(len(ve_id), set_name, dtype=object)}
-    cols.update({name: z[:, i].astype(np.float32) for i, name in enumerate(latent_columns(z.shape[1]))})
-    cols.update(desc)
-    df = pd.DataFrame(cols)
-    for col in ("set", "texture", "crystal"):
-        df[col] = df[col].astype("string")
-    return df
-
-
-def write_table(df: pd.DataFrame, path: str | Path) -> None:
-    """Parquet, atomically (temporary sibling, then rename)."""
-    with atomic_output(path) as tmp:
-        df.to_parquet(tmp, engine="pyarrow", index=False)
-
-
-def read_fingerprints(directory: str | Path, set_name: str) -> pd.DataFrame:
-    """One set's table; one-line :class:`MicrofpError` when missing or unreadable."""
-    path = Path(directory) / f"{set_name}.parquet"
-    if not path.is_file():
-        raise MicrofpError(f"{path}: no fingerprints (run `microfp fingerprint` or `dvc repro` first)")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for damaged files
-        raise MicrofpError(f"{path}: not a readable parquet file ({str(err).splitlines()[0][:200]})") from None
-    if "z_0" not in df.columns or "set" not in df.columns:
-        raise MicrofpError(f"{path}: not a microfp fingerprint table (no z_0/set columns)")
-    return df
-
-
 def _set_crystal(set_dir: Path) -> str:
     from microfp.shards import read_attrs, shard_paths
 
@@ -256,7 +219,7 @@ def fingerprint(
     if ood_out is not None and val_set not in sets:
         find_sets(data, [val_set])
         sets = sets + [val_set]
-    vae = load_model(checkpoint, params, device)
+    vae = load_vae(checkpoint, expect=params, device=device)
     k = params.latent_dim
 
     # 2-point PCA per crystal family (the local state differs): fitted on the first twopoint_max_fit
@@ -269,7 +232,7 @@ def fingerprint(
                      for b in iter_set_batches(data / set_name, ev.batch_size, ev.twopoint_max_fit, params.ve_size)]
             fit = np.concatenate(feats)
             pcas[family] = pca = TwoPointPCA(k, params.seed).fit(fit)
-            _say(f"2-point baseline ({family}): {fit.shape[1]} features per VE (window +-{window_voxels(params)} "
+            log.info(f"2-point baseline ({family}): {fit.shape[1]} features per VE (window +-{window_voxels(params)} "
                  f"voxels), PCA on {fit.shape[0]} {set_name} VEs, {pca.pca.n_components_} of {k} components"
                  + ("" if pca.pca.n_components_ == k else " (the rest are 0: fewer fit VEs than latent_dim)"))
         return pcas[family]
@@ -297,10 +260,10 @@ def fingerprint(
         vae_z[name] = np.concatenate(zs)
         if ms:
             micro[name] = np.concatenate(ms)
-        _say(f"{name}: {len(ve_id)} VEs")
+        log.info(f"{name}: {len(ve_id)} VEs")
     if ood_out is not None:
         write_ood(ood_out, vae_z, micro, params, ev.train_set, val_set, _set_crystal(data / ev.train_set), checkpoint)
-    _say(f"{sum(counts.values())} VEs of {len(counts)} sets in {time.time() - t0:.1f} s on {device}; "
+    log.info(f"{sum(counts.values())} VEs of {len(counts)} sets in {time.time() - t0:.1f} s on {device}; "
          f"wrote {out}/ and {out_2pt}/")
     return counts
 
@@ -323,7 +286,7 @@ def write_ood(path: str | Path, z: dict[str, np.ndarray], micro: dict[str, np.nd
         s = cal.score_descriptors(both(name))
         shares.append(f"{name} {s['ood_flag'].mean():.0%} ({s['ood_fingerprint_flag'].mean():.0%}/"
                       f"{s['ood_microstructure_flag'].mean():.0%})")
-    _say(f"OOD calibration ({train_set} -> {val_set}, threshold {cal.threshold:.3g}) written to {path}; flagged "
+    log.info(f"OOD calibration ({train_set} -> {val_set}, threshold {cal.threshold:.3g}) written to {path}; flagged "
          "(fingerprint/microstructure check): " + ", ".join(shares))
 
 

@@ -55,7 +55,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from microfp.atomic import atomic_path
+from microfp.atomic import atomic_outputs
 from microfp.errors import MicrofpError
 from microfp.shards import (
     CRYSTAL_FAMILIES,
@@ -65,6 +65,7 @@ from microfp.shards import (
     read_shard,
     validate,
 )
+from microfp.volumes import MAX_GRAINS
 
 __all__ = [
     "FormatError",
@@ -82,9 +83,6 @@ __all__ = [
     "write_dream3d",
     "write_dream3d_volume",
 ]
-
-MAX_GRAINS = 65535
-"""Most grains one VE may have (grain ids are stored as uint16)."""
 
 ANGLE_TOLERANCE = 1e-4
 """Radians an Euler angle may lie outside [0, 2pi] x [0, pi] x [0, 2pi] (float32 rounding)."""
@@ -830,19 +828,8 @@ class _quiet_vtk:
 
 def _one_ve(grain_ids: np.ndarray, euler: np.ndarray, crystal: str, resolution: float, source: str, fmt: str) -> VESet:
     """One-VE VESet from (x, y, z) grain ids 0..G-1 and G Euler angles, reduced to the fundamental zone."""
-    euler = reduced_euler(euler, crystal)
-    ves = VESet(
-        grain_ids=np.ascontiguousarray(grain_ids.astype(np.uint16))[None],
-        euler=euler[None],
-        n_grains=np.array([euler.shape[0]], dtype=np.int32),
-        ve_index=np.zeros(1, dtype=np.int64),
-        esd_target=np.full(1, np.nan, dtype=np.float32),
-        crystal=crystal,
-        resolution=float(resolution),
-        attrs={"source": source, "source_format": fmt},
-    )
-    validate(ves, source)
-    return ves
+    return VESet.from_ves([(grain_ids, reduced_euler(euler, crystal))], crystal=crystal, resolution=resolution,
+                          attrs={"source": source, "source_format": fmt}, source=source)
 
 
 def reduced_euler(euler: np.ndarray, crystal: str) -> np.ndarray:
@@ -863,48 +850,18 @@ def _export_ve(ves: VESet, index: int, source: str) -> tuple[np.ndarray, np.ndar
 
 
 def _atomic_write(writers: dict[Path, Callable[[Path], None]], source: str) -> None:
-    """Write each path through its temp sibling, then rename all; on failure leave nothing new."""
-    temps = {path: _temp_name(path) for path in writers}
-    renamed: list[Path] = []
+    """Write each path through its temp sibling, then rename all; on failure leave nothing new
+    (:func:`microfp.atomic.atomic_outputs`)."""
     try:
-        for path, write in writers.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(temps[path])
-            if not temps[path].is_file():
-                raise FormatError(f"{path}: writing failed (no output produced)")
-        for path, tmp in temps.items():
-            existed = path.exists()
-            os.replace(tmp, path)
-            if not existed:
-                renamed.append(path)
-    except (OSError, ValueError, TypeError, RuntimeError) as err:
-        _rollback(renamed)
-        if isinstance(err, MicrofpError):
-            raise
-        raise FormatError(f"{source}: cannot write ({_reason(err)})") from None
-    except BaseException:  # KeyboardInterrupt and the like: still leave nothing half-done
-        _rollback(renamed)
+        with atomic_outputs(*writers) as temps:
+            for (path, write), tmp in zip(writers.items(), temps):
+                write(tmp)
+                if not tmp.is_file():
+                    raise FormatError(f"{path}: writing failed (no output produced)")
+    except MicrofpError:
         raise
-    finally:
-        for tmp in temps.values():
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-
-
-def _rollback(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:
-            pass
-
-
-def _temp_name(path: Path) -> Path:
-    """Temp sibling that keeps the suffix (VTK appends '.vti' to names that lack it)."""
-    tmp = atomic_path(path)
-    return tmp.with_name(tmp.name + path.suffix) if path.suffix else tmp
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        raise FormatError(f"{source}: cannot write ({_reason(err)})") from None
 
 
 def _check_crystal(crystal: str, source: str) -> str:

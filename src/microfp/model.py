@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from microfp.atomic import atomic_output
+from microfp.config import Params
 from microfp.errors import MicrofpError
 from microfp.rotations import euler_field_to_quaternion, quaternion_field_to_euler, symmetric_misorientation_loss
 
@@ -436,9 +437,44 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> "
     return vae.eval()
 
 
+def model_config(params: Params, crystal: str = "cubic") -> VAEConfig:
+    """The architecture the parameters ask for (``crystal`` comes from the training data)."""
+    t = params.train
+    return VAEConfig(
+        encoder=params.encoder,
+        ve_size=params.ve_size,
+        latent_dim=params.latent_dim,
+        hidden_dim=t.hidden_dim,
+        base_channels=t.base_channels,
+        bottleneck_channels=t.bottleneck_channels,
+        representation=t.representation,
+        crystal=crystal,
+    )
+
+
+def architecture_of_params(params: Params) -> dict[str, Any]:
+    """The architecture fields of :func:`model_config` a checkpoint must match (all but the crystal
+    family, which comes from the data)."""
+    arch = model_config(params).as_dict()
+    arch.pop("crystal")
+    return arch
+
+
+def load_vae(checkpoint_path: str | Path, expect: Params | None = None, device: torch.device | str | None = None) -> VAE:
+    """The trained :class:`VAE` of a checkpoint (:func:`load_checkpoint`) in eval mode, on ``device``
+    (default the CPU). With ``expect``, the architecture stored in the checkpoint must equal that of
+    the parameters, or :class:`CheckpointError` names the first difference, e.g.
+    ``models/vae/best.ckpt: trained with latent_dim=64, params.yaml has 512``."""
+    vae = load_checkpoint(checkpoint_path, None if expect is None else architecture_of_params(expect))
+    return vae if device is None else vae.to(device).eval()
+
+
 __all__ = [
     "CheckpointError",
+    "architecture_of_params",
     "load_checkpoint",
+    "load_vae",
+    "model_config",
     "model_of_checkpoint",
     "read_checkpoint",
     "weights_only_checkpoint",

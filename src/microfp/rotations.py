@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from microfp.errors import MicrofpError
+from microfp.shards import EULER_MAX
 
 __all__ = [
     "align_to",
@@ -33,6 +34,7 @@ __all__ = [
     "euler_to_quaternion",
     "quaternion_field_to_euler",
     "quaternion_multiply",
+    "phi4",
     "quaternion_to_euler",
     "reduce_to_fz",
     "symmetric_misorientation_loss",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 _P = -1.0  # damask's sign convention of the quaternion product and of the Euler conversion
-EULER_SCALE = (2 * math.pi, math.pi, 2 * math.pi)  # equal to microfp.shards.EULER_SCALE
+EULER_SCALE = EULER_MAX  # (2 pi, pi, 2 pi) in float64 (microfp.shards.EULER_SCALE is its float32 rounding)
 FAMILIES = ("cubic", "hexagonal")
 
 
@@ -86,6 +88,12 @@ def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     w = aw * bw - (av * bv).sum(-1, keepdim=True)
     v = aw * bv + bw * av + _P * torch.linalg.cross(av, bv, dim=-1)
     return torch.cat([w, v], dim=-1)
+
+
+def phi4(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
+    """Paper eq. 5: ``1 - |q1 . q2|`` per pair of unit quaternions ``(..., 4)``; in [0, 1], 0 for equal
+    rotations (including ``q`` and ``-q``). Not symmetry-aware."""
+    return (1.0 - (q1 * q2).sum(-1).abs()).clamp(0.0, 1.0)
 
 
 @lru_cache(maxsize=None)

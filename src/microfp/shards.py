@@ -37,8 +37,12 @@ from microfp.errors import MicrofpError
 
 FORMAT_VERSION = 1
 CRYSTAL_FAMILIES = ("cubic", "hexagonal")
-EULER_SCALE = np.array([2 * math.pi, math.pi, 2 * math.pi], dtype=np.float32)
-"""Bunge Euler angles are normalised to [0, 1] by dividing by (2pi, pi, 2pi) (paper section 2.1)."""
+EULER_MAX: tuple[float, float, float] = (2 * math.pi, math.pi, 2 * math.pi)
+"""Upper bounds of Bunge Euler angles (phi1, Phi, phi2), radians: the VAE's input is the angles
+divided by them, in [0, 1] (paper section 2.1)."""
+EULER_SCALE = np.array(EULER_MAX, dtype=np.float32)
+""":data:`EULER_MAX` in float32, the precision of the stored angles. (``microfp.crystallography`` keeps
+a copy of EULER_MAX: its source is hashed into every shard, so an edit there would change them all.)"""
 
 
 class ShardError(MicrofpError):
@@ -47,10 +51,12 @@ class ShardError(MicrofpError):
 
 @dataclass
 class VESet:
-    """A batch of VEs of one crystal family, as stored in a shard.
+    """A batch of VEs of one crystal family, as stored in a shard; checked (:meth:`validate`) when
+    made, so a VESet that exists is one that :meth:`write` accepts (until its arrays are changed).
 
     ``grain_ids`` (N, n, n, n) uint16; ``euler`` (N, G_max, 3) float32 radians (NaN padded);
-    ``n_grains`` (N,) int32; ``ve_index`` (N,) int64; ``esd_target`` (N,) float32.
+    ``n_grains`` (N,) int32; ``ve_index`` (N,) int64; ``esd_target`` (N,) float32. ``source`` names
+    where the VEs come from in error messages (a path, an imported file).
     """
 
     grain_ids: np.ndarray
@@ -61,6 +67,51 @@ class VESet:
     crystal: str
     resolution: float
     attrs: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="VE set", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_ves(
+        cls,
+        ves: list[tuple[np.ndarray, np.ndarray]],
+        crystal: str,
+        resolution: float,
+        ve_index: np.ndarray | list[int] | None = None,
+        esd_target: np.ndarray | None = None,
+        attrs: dict[str, Any] | None = None,
+        source: str = "VE set",
+    ) -> "VESet":
+        """A VESet of (grain_ids (n, n, n), euler (G, 3)) pairs (:func:`pack`); ``ve_index`` defaults to
+        0..N-1, ``esd_target`` to NaN."""
+        grain_ids, euler, n_grains = pack(ves)
+        n = len(ves)
+        return cls(
+            grain_ids=grain_ids,
+            euler=euler,
+            n_grains=n_grains,
+            ve_index=np.arange(n, dtype=np.int64) if ve_index is None else np.asarray(ve_index, dtype=np.int64),
+            esd_target=np.full(n, np.nan, np.float32) if esd_target is None else np.asarray(esd_target, dtype=np.float32),
+            crystal=crystal,
+            resolution=float(resolution),
+            attrs=dict(attrs or {}),
+            source=source,
+        )
+
+    @classmethod
+    def read(cls, path: str | Path) -> "VESet":
+        """The VEs of a shard written by :meth:`write`; :class:`ShardError` (one line) if it is bad."""
+        return read_shard(path)
+
+    def write(self, path: str | Path) -> None:
+        """Validate and write to ``path`` atomically (:func:`write_shard`)."""
+        write_shard(path, self)
+
+    def validate(self, source: str | None = None) -> None:
+        """Check shapes, dtypes, id and angle ranges; :class:`ShardError` (one line, prefixed with
+        ``source``, default :attr:`source`) if they are wrong."""
+        validate(self, self.source if source is None else source)
 
     def __len__(self) -> int:
         return int(self.grain_ids.shape[0])
@@ -77,7 +128,7 @@ class VESet:
         """A one-VE VESet of VE ``i`` (its Euler rows trimmed to its own grains)."""
         sl = slice(i, i + 1)
         return VESet(self.grain_ids[sl], self.euler[sl, : self.n_grains[i]], self.n_grains[sl],
-                     self.ve_index[sl], self.esd_target[sl], self.crystal, self.resolution, self.attrs)
+                     self.ve_index[sl], self.esd_target[sl], self.crystal, self.resolution, self.attrs, self.source)
 
     def orientation_field(self, i: int) -> np.ndarray:
         """Normalised (3, n, n, n) float32 Euler field of VE ``i`` (the VAE's input)."""
@@ -195,7 +246,7 @@ def shard_shape(path: str | Path) -> tuple[int, ...]:
         raise ShardError(f"{path}: corrupt or truncated shard ({_reason(err)})") from None
 
 
-def read_shard(path: str | Path, check: bool = True) -> VESet:
+def read_shard(path: str | Path) -> VESet:
     """Read a shard written by :func:`write_shard`; :class:`ShardError` (one line) if it is bad."""
     path = Path(path)
     if not path.is_file():
@@ -213,13 +264,12 @@ def read_shard(path: str | Path, check: bool = True) -> VESet:
                 crystal=str(f.attrs.get("crystal", "")),
                 resolution=float(f.attrs.get("resolution", float("nan"))),
                 attrs={k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
+                source=str(path),
             )
     except ShardError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise ShardError(f"{path}: corrupt or truncated shard ({_reason(err)})") from None
-    if check:
-        validate(ves, str(path))
     return ves
 
 
@@ -249,6 +299,7 @@ def read_set(directory: str | Path) -> VESet:
         crystal=first.crystal,
         resolution=first.resolution,
         attrs=first.attrs,
+        source=str(directory),
     )
 
 

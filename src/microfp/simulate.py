@@ -308,7 +308,7 @@ def simulate_set(
                 if stop_after is not None and written >= stop_after:
                     raise RuntimeError(f"injected failure after {written} VEs")
 
-        from microfp.datasets import ProgressBar
+        from microfp.console import ProgressBar
 
         with ProgressBar(progress and not lines, f"simulate {set_name} ({sp.backend})", len(todo)) as advance:
             errors = _fan_out(batches, task, task_args, on_done, scheduler, sp)
@@ -351,7 +351,7 @@ def timing(walls: list[float], cpus: list[float], elapsed_s: float, sp: Simulate
 
 def local_workers(sp: SimulateParams) -> int:
     """Worker processes of a LocalCluster: ``simulate.workers``, or cores / threads_per_worker when 0."""
-    from microfp.datasets import resolve_workers
+    from microfp.runtime import resolve_workers
 
     return sp.workers or max(1, resolve_workers(0) // sp.threads_per_worker)
 
@@ -653,17 +653,8 @@ def write_damask_job(job_dir: Path, job: dict[str, Any], sp: SimulateParams, she
     from microfp import formats
 
     job_dir = Path(job_dir)
-    g = job["grain_ids"][None].astype(np.uint16)
-    e = job["euler"].astype(np.float32)[None]
-    ves = shards.VESet(
-        grain_ids=g,
-        euler=e,
-        n_grains=np.array([len(job["euler"])], dtype=np.int32),
-        ve_index=np.array([job["ve_index"]], dtype=np.int64),
-        esd_target=np.array([np.nan], dtype=np.float32),
-        crystal="hexagonal",
-        resolution=job["resolution"],
-    )
+    ves = shards.VESet.from_ves([(job["grain_ids"], job["euler"].astype(np.float32))], crystal="hexagonal",
+                                resolution=job["resolution"], ve_index=[job["ve_index"]])
     vti, material = formats.write_damask(job_dir, ves, 0, phase_name="Mg", name="grid", overwrite=True)
     config = damask.ConfigMaterial.load(material)
     config["phase"]["Mg"] = damask_phase(sp.twinning)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from microfp.atomic import atomic_output, save_figure, write_json
 from microfp.config import Params, SurrogateParams, load_params
+from microfp.cp import Load, MgParameters
 from microfp.errors import MicrofpError
 from microfp.model import write_checkpoint
 
@@ -188,7 +189,7 @@ def fit(x: np.ndarray, y01: np.ndarray, s: SurrogateParams, seed: int) -> tuple[
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from microfp.train import quiet_lightning
+    from microfp.runtime import quiet_lightning
 
     quiet_lightning()  # no hardware lines or tips in the stage log
     L.seed_everything(seed, verbose=False)
@@ -288,7 +289,7 @@ def texture_descriptor(grain_ids: np.ndarray, euler: np.ndarray, crystal: str) -
         raise SurrogateError(f"the texture-only baseline is defined for hexagonal VEs, got {crystal}")
     counts = np.bincount(grain_ids.ravel().astype(np.int64), minlength=len(euler)).astype(np.float64)
     w = counts / counts.sum()
-    ori = damask.Orientation.from_Euler_angles(phi=euler.astype(np.float64), family="hexagonal", lattice="hP", c=1.6235)
+    ori = damask.Orientation.from_Euler_angles(phi=euler.astype(np.float64), family="hexagonal", lattice="hP", c=MgParameters.c_over_a)
     c_axis = ori.to_frame(uvw=[0, 0, 1]).reshape(-1, 3)  # sample frame, unit length
     cc = np.einsum("g,gi,gj->ij", w, c_axis, c_axis)[np.triu_indices(3)]
     resolved = np.abs(ori.Schmid(N_slip="*")[..., 0, 0]).reshape(30, -1)  # (systems, G): P_xx
@@ -353,8 +354,8 @@ def load_checkpoint(path: Path) -> tuple[SurrogateNet, MinMax, dict[str, Any]]:
 
 
 def strains(params: Params) -> np.ndarray:
-    """The 21 applied strains eps_xx (0 .. simulate.strain)."""
-    return np.linspace(0.0, params.simulate.strain, params.simulate.increments + 1)
+    """The 21 applied strains eps_xx (0 .. simulate.strain) of the simulated load (:class:`microfp.cp.Load`)."""
+    return Load(strain=params.simulate.strain, increments=params.simulate.increments).strains
 
 
 def plot_curves(path: Path, eps: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, ids: np.ndarray, n: int = 6) -> None:
@@ -445,7 +446,7 @@ class Predictor:
 
     @classmethod
     def load(cls, checkpoint: Path, vae_checkpoint: Path | None = None) -> "Predictor":
-        from microfp.train import load_vae
+        from microfp.model import load_vae
 
         net, norm, meta = load_checkpoint(checkpoint)
         vae_path = Path(vae_checkpoint or meta.get("vae_checkpoint", ""))

@@ -8,10 +8,18 @@ back to its ``dvc exp``.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import subprocess
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from microfp.config import Params
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
@@ -68,3 +76,21 @@ def log_finished_run(
         client.log_batch(run.info.run_id, params=plist[i : i + 100], metrics=mlist[i : i + 100], tags=tlist if i == 0 else [])
     client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id
+
+
+def log_mlflow(stage: str, params: Params, metrics: dict[str, Any], checkpoint: str | Path | None) -> str | None:
+    """Log a finished stage to MLflow (experiment ``microfp-<stage>``, ``MLFLOW_TRACKING_URI`` or
+    ``sqlite:///mlflow.db``) when ``evaluate.mlflow`` is on: parameters, the finite numbers of
+    ``metrics`` flattened to ``a.b`` keys, the checkpoint. A tracking failure is reported, never
+    fatal (the stage's files are written). Returns the run id."""
+    if not params.evaluate.mlflow:
+        return None
+    try:
+        numbers = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+        finite = {k: v for k, v in numbers.items() if math.isfinite(v)}
+        tags = {"checkpoint": str(Path(checkpoint).resolve())} if checkpoint is not None else None
+        return log_finished_run(f"microfp-{stage}", stage, params.model_dump(mode="json"), finite, tags)
+    except Exception as err:  # noqa: BLE001 - tracking is secondary to the stage's files
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        log.warning("warning: MLflow logging failed (%s)", reason, extra={"stage": stage})
+        return None

@@ -14,7 +14,7 @@ counter, best score, curves and the MLflow run). The current ``lr``/``weight_dec
 apply to the continued epochs. When the architecture differs, the parameters were changed on purpose
 (``dvc exp run -S latent_dim=512``): the old ``best.ckpt``/``last.ckpt`` are removed with a warning and
 training starts afresh. ``train.resume: false`` always starts afresh. A checkpoint given explicitly to
-:func:`load_vae` (fingerprint/evaluate) must match, or it is an error.
+:func:`microfp.model.load_vae` (fingerprint/evaluate) must match, or it is an error.
 
 All files are written atomically (temporary file, then rename), so a stage killed midway leaves the
 previous complete files.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import sys
@@ -48,9 +49,10 @@ from microfp.model import (
     VAE,
     CheckpointError,
     VAEConfig,
+    architecture_of_params,
     beta_at,
-    load_checkpoint,
     loss_terms,
+    model_config,
     model_of_checkpoint,
     param_count,
     read_checkpoint,
@@ -58,6 +60,7 @@ from microfp.model import (
     weights_only_checkpoint,
     write_checkpoint,
 )
+from microfp.runtime import quiet_lightning
 from microfp.shards import ShardError, euler_field, read_attrs, read_shard, shard_paths, shard_shape
 from microfp.tracking import flatten, run_tags, tracking_uri
 
@@ -65,8 +68,7 @@ MLFLOW_EXPERIMENT = "microfp-train"
 BEST = "best.ckpt"
 
 
-def _say(msg: str) -> None:
-    print(f"[microfp train] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,21 +312,6 @@ class VAEModule(L.LightningModule):
                 state["base_lrs"] = [self.hparams.lr] * len(state["base_lrs"])
 
 
-def model_config(params: Params, crystal: str = "cubic") -> VAEConfig:
-    """The architecture the parameters ask for (``crystal`` comes from the training data)."""
-    t = params.train
-    return VAEConfig(
-        encoder=params.encoder,
-        ve_size=params.ve_size,
-        latent_dim=params.latent_dim,
-        hidden_dim=t.hidden_dim,
-        base_channels=t.base_channels,
-        bottleneck_channels=t.bottleneck_channels,
-        representation=t.representation,
-        crystal=crystal,
-    )
-
-
 def _mismatch(path: Path, have: dict[str, Any], want: dict[str, Any], source: str) -> str | None:
     """'<path>: trained with latent_dim=64, params.yaml has 512' for the first differing key
     (keys of ``want`` only: the crystal family comes from the data, not from the parameters)."""
@@ -332,20 +319,6 @@ def _mismatch(path: Path, have: dict[str, Any], want: dict[str, Any], source: st
         if have.get(key) != want.get(key):
             return f"{path}: trained with {key}={have.get(key)}, {source} has {want.get(key)}"
     return None
-
-
-def _arch_of_params(params: Params) -> dict[str, Any]:
-    arch = model_config(params).as_dict()
-    arch.pop("crystal")
-    return arch
-
-
-def load_vae(checkpoint_path: str | Path, expect: Params | None = None) -> VAE:
-    """The trained :class:`VAE` of a checkpoint (:func:`microfp.model.load_checkpoint`), on the CPU in
-    eval mode. With ``expect``, the architecture stored in the checkpoint must equal that of the
-    parameters, or :class:`CheckpointError` names the first difference, e.g.
-    ``models/vae/best.ckpt: trained with latent_dim=64, params.yaml has 512``."""
-    return load_checkpoint(checkpoint_path, None if expect is None else _arch_of_params(expect))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,16 +366,6 @@ def _map_paths(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
     return out
 
 
-def quiet_lightning() -> None:
-    """No third-party chatter in the stage output: Lightning's hardware lines and tips go below
-    WARNING; the stage prints its own one line per epoch."""
-    import logging
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
-                 "lightning.fabric.utilities.seed", "lightning.pytorch.trainer.connectors"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 class History(Callback):
     """One row of losses per epoch; kept in the checkpoint (so a resumed run has the whole curve) and
     written to ``<plots>/loss.csv`` after every epoch."""
@@ -422,7 +385,7 @@ class History(Callback):
         if trainer.is_global_zero:
             write_curves(self.csv_path, self.rows, self.columns)
             terms = ", ".join(f"{c[4:]} {row[c]:.4g}" for c in self.columns if c.startswith("val_") and c not in ("val_loss", "val_recon"))
-            _say(
+            log.info(
                 f"epoch {int(row['epoch'])}/{trainer.max_epochs}: train_loss {row['train_loss']:.5g}, "
                 f"val_loss {row['val_loss']:.5g} ({terms}), {time.time() - self.t0:.1f} s"
             )
@@ -457,6 +420,12 @@ class MLflowTracking(Callback):
     A resumed training continues the latest run of the same checkpoint directory (tag
     ``checkpoint_dir``) when it is still in the tracking store. The run id is not kept in the
     checkpoint: a random id there would make the bytes of identical trainings differ.
+
+    Not Lightning's ``MLFlowLogger`` (checked with Lightning 2.6): as a Trainer logger it logs the
+    module's hyperparameters at the start of every ``fit``, and MLflow refuses a changed value of a
+    logged param, so continuing a run with another ``lr``/``beta`` (allowed here) would fail; it
+    logs metrics at the global step (``loss.csv`` and this run use the epoch) and truncates param
+    values to 250 characters. Finding the run to continue (tag ``checkpoint_dir``) would stay ours.
     """
 
     def __init__(self, params: Params, counts: dict[str, int], out: Path, resuming: bool = False) -> None:
@@ -478,8 +447,6 @@ class MLflowTracking(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        import logging
-
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
@@ -494,7 +461,7 @@ class MLflowTracking(Callback):
             try:
                 self.client.get_run(self.run_id)
                 self.client.update_run(self.run_id, status="RUNNING")
-                _say(f"MLflow: continuing run {self.run_id} at {self.uri}")
+                log.info(f"MLflow: continuing run {self.run_id} at {self.uri}")
                 return
             except Exception:  # noqa: BLE001 - gone from the store: start a new run
                 self.run_id = None
@@ -511,7 +478,7 @@ class MLflowTracking(Callback):
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_batch(self.run_id, metrics=metrics, tags=tags_ckpt)
-        _say(f"MLflow: run {self.run_id} at {self.uri}")
+        log.info(f"MLflow: run {self.run_id} at {self.uri}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.client is None or self.run_id is None:
@@ -576,22 +543,22 @@ def _resume_from(last: Path, params: Params, data: Path) -> tuple[Path | None, i
     if not last.exists():
         return None, 0
     if _newest_shard_mtime(data, params) > last.stat().st_mtime:
-        _say(f"{last}: the training data are newer than the checkpoint; starting afresh")
+        log.info(f"{last}: the training data are newer than the checkpoint; starting afresh")
         _remove_stale(last.parent)
         return None, 0
     if not params.train.resume:
-        _say(f"{last}: train.resume is false; starting afresh")
+        log.info(f"{last}: train.resume is false; starting afresh")
         _remove_stale(last.parent)
         return None, 0
     try:
         ckpt = read_checkpoint(last)
     except CheckpointError as err:
-        _say(f"warning: {err}; starting afresh")
+        log.warning(f"warning: {err}; starting afresh")
         _remove_stale(last.parent)
         return None, 0
-    msg = _mismatch(last, model_of_checkpoint(ckpt)[0], _arch_of_params(params), "params.yaml")
+    msg = _mismatch(last, model_of_checkpoint(ckpt)[0], architecture_of_params(params), "params.yaml")
     if msg:
-        _say(f"warning: {msg}; starting afresh (old best.ckpt and last.ckpt removed)")
+        log.warning(f"warning: {msg}; starting afresh (old best.ckpt and last.ckpt removed)")
         _remove_stale(last.parent)
         return None, 0
     return last, int(ckpt.get("epoch", -1)) + 1
@@ -630,13 +597,13 @@ def train(
 
     module = VAEModule.from_params(params, crystal=datamodule.train_set.crystal)
     counts = param_count(module.vae)
-    _say(
+    log.info(
         f"{params.encoder} VAE ({t.representation}, {datamodule.train_set.crystal}), {params.ve_size}^3, "
         f"latent {params.latent_dim}, hidden {t.hidden_dim}: "
         + ", ".join(f"{k} {v:,}" for k, v in counts.items())
         + " parameters"
     )
-    _say(
+    log.info(
         f"{len(datamodule.train_set)} train / {len(datamodule.val_set)} val VEs"
         f" ({'in memory' if datamodule.train_set.cached else 'read lazily'}), precision {precision}, "
         + (f"resuming from {ckpt_path} (epoch {start_epoch})" if ckpt_path else "starting afresh")
@@ -715,7 +682,7 @@ def train(
             tracker.finish("FINISHED", {"checkpoint": str((out / "best.ckpt").resolve()),
                                         "last_checkpoint": str((out / "last.ckpt").resolve())})
     val = result.get("val_recon", float("nan"))
-    _say(f"done: {result.get('epochs', 0):.0f} epochs, {result['steps']:.0f} steps, val_recon {val:.5g}, "
+    log.info(f"done: {result.get('epochs', 0):.0f} epochs, {result['steps']:.0f} steps, val_recon {val:.5g}, "
          f"{time.time() - t0:.1f} s")
     return result
 

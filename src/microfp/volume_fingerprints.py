@@ -28,7 +28,6 @@ and no ``ood_microstructure_*`` columns.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +60,6 @@ MIN_GRAIN_VOXELS = 2.0
 
 class VolumeError(MicrofpError):
     """A volume that cannot be fingerprinted with this model; one line."""
-
-
-def _say(msg: str) -> None:
-    print(f"[microfp fingerprint-volume] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +251,8 @@ def fingerprint_volume(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Fingerprint every window of a volume file and write ``out`` (parquet); returns the summary."""
-    from microfp.fingerprints import latent_columns, write_table
-    from microfp.train import load_vae
+    from microfp.tables import latent_columns, write_table
+    from microfp.model import load_vae
 
     t0 = time.perf_counter()
     cal = ood.load(ood_path or ood.default_path(checkpoint))
