@@ -11,7 +11,7 @@ covariance, full rank even with fewer VEs than dimensions):
 ``microstructure``
     ``x`` = :func:`microstructure_descriptor`, computed from the orientation field itself,
     independent of the VAE: the volume-averaged texture coefficients (crystal-symmetry-invariant
-    harmonics of the orientation, :func:`microfp.fingerprints.local_state`; 0 for a random texture)
+    harmonics of the orientation, :func:`microfp.harmonics.local_state`; 0 for a random texture)
     and, per axis, the share of neighbouring voxel pairs misoriented by more than
     ``BOUNDARY_DEG`` (grain-boundary density, about 1 / grain size along that axis: catches small,
     large and elongated grains). Chosen over the 2-point statistics (which also separate these sets)
@@ -116,10 +116,10 @@ def _orientations(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def texture_coefficients(euler: np.ndarray, counts: np.ndarray, family: str) -> np.ndarray:
-    """Volume average ``(C,)`` of the symmetry-invariant local state (:func:`microfp.fingerprints.local_state`)
+    """Volume average ``(C,)`` of the symmetry-invariant local state (:func:`microfp.harmonics.local_state`)
     of orientations ``euler`` (U, 3) occupying ``counts`` (U,) voxels: the lowest-order texture
     coefficients, C = 9 (cubic, l = 4) or 18 (hexagonal, l = 2 and 6); 0 for a random texture."""
-    from microfp.fingerprints import local_state
+    from microfp.harmonics import local_state
 
     return (counts.astype(np.float64) @ local_state(euler, family)) / counts.sum()
 
