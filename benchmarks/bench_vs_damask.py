@@ -169,6 +169,125 @@ def compare(jobs: list[dict], twinning: bool, args, retime: int) -> dict:
     return entry
 
 
+# --------------------------------------------------------------------------------------------------
+# --diagnose: where the remaining difference comes from (stress measure, Nyquist modes, time step)
+
+IDX = [0, 1, 2, 3, 4, 5, 7, 9, 14, 19]  # increments shown in the printed rows (1-based: 1..6, 8, 10, 15, 20)
+
+
+def damask_measures(job: dict, twinning: bool, work: Path) -> dict:
+    """DAMASK run of one job with outputs F, P, F_e, S (kept in ``work``, reused): per increment the
+    volume averages of the Cauchy sigma_xx and of (R_e S R_e^T)_xx, the lattice-frame 2nd Piola-Kirchhoff
+    stress that drives slip in DAMASK (M_p = F_i^T F_i S = S) rotated to the lab, and the mean lattice
+    rotation since the start (deg)."""
+    import damask
+
+    base = work / f"diagnose-{job['name']}-tw{int(twinning)}"
+    h5 = base / f"ve-{job['ve_index']:06d}" / "result.hdf5"
+    wall = float("nan")
+    if not (base / "done").exists():
+        phase = simulate.damask_phase
+
+        def with_stress(tw: bool = True) -> dict:
+            ph = phase(tw)
+            ph["mechanical"]["output"] = ["F", "P", "F_e", "S"]
+            return ph
+
+        simulate.damask_phase = with_stress
+        try:
+            t0 = time.perf_counter()
+            simulate.run_damask([job], SimulateParams(backend="damask", twinning=twinning).model_dump(), str(base), shear="strain")
+            wall = time.perf_counter() - t0
+        finally:
+            simulate.damask_phase = phase
+        (base / "done").write_text(f"{wall}\n")
+    r = damask.Result(str(h5))
+    out: dict[str, list] = {"cauchy": [], "RSR": [], "rotation_deg": []}
+    R0 = None
+    for inc in r.increments:
+        v = r.view(increments=inc)
+        F, P, Fe, S = (np.asarray(v.get(k)).reshape(-1, 3, 3) for k in ("F", "P", "F_e", "S"))
+        R = damask.mechanics.rotation(Fe).as_matrix().reshape(-1, 3, 3)
+        R0 = R if R0 is None else R0
+        dR = R @ np.swapaxes(R0, 1, 2)
+        out["cauchy"].append(float(damask.mechanics.stress_Cauchy(P, F)[:, 0, 0].mean()))
+        out["RSR"].append(float((R @ S @ np.swapaxes(R, 1, 2))[:, 0, 0].mean()))
+        out["rotation_deg"].append(float(np.degrees(np.arccos(np.clip((np.trace(dR, axis1=1, axis2=2) - 1) / 2, -1, 1))).mean()))
+    return out
+
+
+def _rel(a, b) -> list[float]:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return [round(float(x), 5) for x in a[1:] / b[1:] - 1]
+
+
+def _row(label: str, rel: list[float]) -> str:
+    r = np.asarray(rel)
+    return f"  {label:44s} max|d| {np.abs(r).max() * 100:5.2f}%  d%: " + " ".join(f"{x * 100:+.2f}" for x in r[IDX])
+
+
+def diagnose(args) -> dict:
+    """Homogeneous crystals and one 16^3 VE through both solvers, with DAMASK's stress measures; the
+    spectral solver's Nyquist conventions against a 32^3 refinement; its time step (20 vs 40 increments)."""
+    torch.set_num_threads(args.threads)
+    jobs = jobs_for(16, max(args.n, 1), args.seed)
+    load = cp.Load(shear="strain")
+    report: dict = {"shear_held_at_zero": "strain", "solver_version": simulate.SOLVER_VERSION, "crystals": {}, "ve": {}}
+
+    def ours(ids, euler, **kw) -> np.ndarray:
+        ld = cp.Load(shear="strain", increments=kw.pop("increments", 20))
+        r = cp.solve(ids[None], [euler], ld, cp.SolverSettings(**kw))[0]
+        if not r.converged:
+            raise RuntimeError(r.reason)
+        return np.interp(load.strains, r.strain, r.stress_xx)
+
+    print("homogeneous crystals (4^3 grid, one grain): spectral / DAMASK - 1", flush=True)
+    for tw in (True, False):
+        for k, e in enumerate(jobs[0]["euler"][: args.crystals]):
+            job = {"name": f"crystal{k}", "ve_index": k, "grain_ids": np.zeros((4, 4, 4), np.int64),
+                   "euler": e[None].astype(np.float64), "resolution": 1.0, "n_grains": 1}
+            m = damask_measures(job, tw, args.work)
+            c = ours(job["grain_ids"], job["euler"], twinning=tw)
+            sm = ours(job["grain_ids"], job["euler"], twinning=tw, stress_measure="small")
+            rows = {"cauchy_vs_damask_cauchy": _rel(c, m["cauchy"]), "small_vs_damask_cauchy": _rel(sm, m["cauchy"]),
+                    "small_vs_damask_RSR": _rel(sm, m["RSR"])}
+            report["crystals"][f"{job['name']} twins {'on' if tw else 'off'}"] = rows | {
+                "euler_rad": e.tolist(), "damask_cauchy_mpa": [round(x / 1e6, 4) for x in m["cauchy"]],
+                "lattice_rotation_deg_at_1pct": round(m["rotation_deg"][-1], 3)}
+            print(f" {job['name']} twins {'on' if tw else 'off'} (lattice rotation at 1 %: {m['rotation_deg'][-1]:.2f} deg)", flush=True)
+            for key, rel in rows.items():
+                print(_row(key, rel), flush=True)
+    for tw in (True, False):
+        job = jobs[args.diagnose_ve]
+        m = damask_measures(job, tw, args.work)
+        g = job["grain_ids"]
+        g2 = g.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+        curves = {
+            "reduced (v4), cauchy": ours(g, job["euler"], twinning=tw),
+            "reduced, small": ours(g, job["euler"], twinning=tw, stress_measure="small"),
+            "drop (v3), small": ours(g, job["euler"], twinning=tw, stress_measure="small", nyquist="drop"),
+            "reduced, small, 40 increments": ours(g, job["euler"], twinning=tw, stress_measure="small", increments=40),
+        }
+        if args.refine:
+            curves["32^3 refinement, reduced, small"] = ours(g2, job["euler"], twinning=tw, stress_measure="small")
+            curves["32^3 refinement, drop, small"] = ours(g2, job["euler"], twinning=tw, stress_measure="small", nyquist="drop")
+        rows = {f"{k} vs DAMASK cauchy": _rel(v, m["cauchy"]) for k, v in curves.items()}
+        rows |= {f"{k} vs DAMASK RSR": _rel(v, m["RSR"]) for k, v in curves.items() if "small" in k and "32" not in k}
+        rows["reduced, small, 20 vs 40 increments"] = _rel(curves["reduced, small"], curves["reduced, small, 40 increments"])
+        if args.refine:
+            for k in ("reduced", "drop"):
+                rows[f"16^3 {k} vs 32^3 reduced (small)"] = _rel(curves[f"{k} (v3), small" if k == "drop" else "reduced, small"],
+                                                                 curves["32^3 refinement, reduced, small"])
+        key = f"{job['name']} twins {'on' if tw else 'off'}"
+        report["ve"][key] = rows | {"damask_cauchy_over_RSR_minus_1": _rel(m["cauchy"], m["RSR"]),
+                                   "damask_cauchy_mpa": [round(x / 1e6, 4) for x in m["cauchy"]],
+                                   "lattice_rotation_deg_at_1pct": round(m["rotation_deg"][-1], 3)}
+        print(f"VE {key} (16^3): spectral / DAMASK - 1", flush=True)
+        for k, rel in rows.items():
+            print(_row(k, rel), flush=True)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8, help="VEs at 16^3")
@@ -187,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="compare the VEs DAMASK has finished (or partly finished) in --work; run no DAMASK")
     ap.add_argument("--reverse", action="store_true", help="with --damask-only: the VEs in reverse order")
     ap.add_argument("--take-over", action="store_true", help="with --damask-only: rerun cases left half done")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="homogeneous crystals and one VE with DAMASK's stress measures, Nyquist conventions, time step")
+    ap.add_argument("--diagnose-ve", type=int, default=0, help="with --diagnose: the 16^3 VE")
+    ap.add_argument("--crystals", type=int, default=3, help="with --diagnose: homogeneous crystals (grains of VE 0)")
+    ap.add_argument("--refine", action="store_true", help="with --diagnose: also the VE refined to 32^3 (spectral)")
     args = ap.parse_args(argv)
     if shutil.which("DAMASK_grid") is None and not args.cached_only:
         print("bench_vs_damask: DAMASK_grid not on PATH (bash scripts/build-damask.sh SRC PREFIX; export PATH=PREFIX/bin:$PATH)",
@@ -194,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.diagnose:
+        report = diagnose(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     report: dict = {"shear_held_at_zero": args.shear, "threads": args.threads, "increments": 20, "strain": 0.01, "solver_version": simulate.SOLVER_VERSION,
                     "torch": torch.__version__, "cases": {}}
     plan = [(16, args.n, t == "on") for t in args.twins.split(",") if t and args.n]

@@ -36,11 +36,18 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   projection onto compatible fields, extended at the zero frequency by the projection onto the
   stress-controlled components of the mean, which imposes the mixed boundary conditions (prescribed
   mean eps_xx, zero mean stress otherwise; Lucarini & Segurado 2019): ``G`` stays an orthogonal
-  projector, so the linear operator is symmetric positive definite and CG applies. Nyquist modes of
-  even grids are projected out. Convergence: ``|G(sigma)|_rms / |mean sigma| < tolerance``. A VE
+  projector, so the linear operator is symmetric positive definite and CG applies. Nyquist
+  frequencies of even grids as DAMASK (``derivative: continuous``): the Nyquist components of a wave
+  vector are zeroed and the mode kept with the others (until solver v3 every mode with a Nyquist
+  component was projected out, which made 16^3 VEs ~0.7 % too stiff at the elastic-plastic knee). Convergence: ``|G(sigma)|_rms / |mean sigma| < tolerance``. A VE
   that converges leaves the iterations of its batch; a VE whose increment fails is retried alone in
   halves (cut-backs) while the others keep their result; a VE that fails at the deepest cut-back is
   dropped from the batch and reported with the reason.
+* Reported stress: ``VEResult.stress_xx`` is the volume average of the Cauchy stress DAMASK's
+  finite-strain model gives for the same state, to first order in the elastic strain
+  (:func:`cauchy_xx`, ``SolverSettings.stress_measure="cauchy"``; ``"small"``: the small-strain stress,
+  solver v3 and before). DAMASK drives slip with the lattice-frame 2nd Piola-Kirchhoff stress S, the
+  small-strain stress's counterpart, and its Cauchy stress exceeds it by ~0.3-0.5 % once grains flow.
 * Precision: float64 by default; float32 (``SolverSettings.dtype``) halves the memory traffic, which
   bounds the voxel update, and gives the same curves to the equilibrium tolerance (tests).
 
@@ -509,19 +516,31 @@ class Projection:
 
     Fields are (B, n, n, n, 6) Mandel. ``mixed`` (6,) bool marks the mean components that are free
     (stress-controlled); the others (strain-controlled) have a prescribed mean and no mean correction.
+
+    ``nyquist`` (even grids): ``"reduced"`` (default) as DAMASK's ``derivative: continuous``
+    (spectral_utilities.f90: ``xi1st`` is zero in each component at its Nyquist index): a wave vector's
+    Nyquist components are set to zero and the mode is kept with the remaining ones (dropped only where
+    none remain); ``"drop"`` (solver v3 and before) projects out every mode with any Nyquist component,
+    ~18 % of the modes at 16^3, which over-constrains the strain field: 0.7 % stiffer than DAMASK at the
+    elastic-plastic knee of a 16^3 Mg VE, and 0.6 % stiffer than the same VE refined to 32^3 at 1 %.
     """
 
-    def __init__(self, n: int, mixed: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, n: int, mixed: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                 nyquist: str = "reduced") -> None:
         self.n = n
         k = torch.fft.fftfreq(n, d=1.0 / n, dtype=dtype, device=device)
         kz = torch.fft.rfftfreq(n, d=1.0 / n, dtype=dtype, device=device)
         kx, ky, kz = torch.meshgrid(k, k, kz, indexing="ij")
+        if nyquist not in ("reduced", "drop"):
+            raise ValueError(f"nyquist must be 'reduced' or 'drop', got {nyquist!r}")
+        if n % 2 == 0 and nyquist == "reduced":
+            half = n // 2
+            kx, ky, kz = (torch.where(c.abs() == half, 0.0, c) for c in (kx, ky, kz))
         norm = torch.sqrt(kx**2 + ky**2 + kz**2)
-        norm[0, 0, 0] = 1.0
+        mask = (norm > 0).to(dtype)
+        norm = torch.where(norm > 0, norm, 1.0)
         self.nv = [kx / norm, ky / norm, kz / norm]
-        mask = torch.ones_like(norm)
-        mask[0, 0, 0] = 0.0
-        if n % 2 == 0:
+        if n % 2 == 0 and nyquist == "drop":
             half = n // 2
             mask[(kx.abs() == half) | (ky.abs() == half) | (kz.abs() == half)] = 0.0
         self.mask = mask
@@ -601,11 +620,14 @@ class SolverSettings:
     dtype: str = "float64"
     device: str = "cpu"
     voxel_chunk: int = 32768  # voxels per local-update call (memory; larger on GPUs)
+    nyquist: str = "reduced"  # even grids: "reduced" (DAMASK's) or "drop" (solver v3); see Projection
+    stress_measure: str = "cauchy"  # reported sigma_xx: "cauchy" (first order in eps_e, as DAMASK's) or "small"
 
 
 @dataclass
 class VEResult:
-    """The curve of one VE: mean sigma_xx (Pa) at each of the load's points, and how it went."""
+    """The curve of one VE: mean sigma_xx (Pa, Cauchy unless ``stress_measure="small"``) at each of the
+    load's points, and how it went. ``mean_stress`` is the small-strain mean stress."""
 
     strain: np.ndarray
     stress_xx: np.ndarray
@@ -619,6 +641,20 @@ class VEResult:
     mean_stress: np.ndarray = field(default_factory=lambda: np.zeros(6))  # final, Mandel, Pa
     residuals: list = field(default_factory=list)  # final residual per increment
     last_residual: float = 0.0
+
+
+def cauchy_xx(sig: torch.Tensor, eps_e: torch.Tensor) -> torch.Tensor:
+    """xx component of the Cauchy stress of a finite-strain model whose slip is driven by the lattice-frame
+    2nd Piola-Kirchhoff stress, to first order in the elastic strain: ``sigma_c = F_e S F_e^T / det F_e``
+    with ``S`` the small-strain stress ``sig`` and ``F_e = R (I + eps_e)`` (Mandel, (..., 6) each).
+
+    DAMASK's phenopowerlaw resolves the Mandel stress ``M_p = F_i^T F_i S = S`` (no eigenstrain) on the
+    slip systems, and reports ``sigma = F_e S F_e^T / J``: larger than ``R S R^T`` by ``2 eps_e,xx - tr eps_e``
+    ~ 0.3-0.5 % once the grains flow (``benchmarks/results/vs-damask-diagnosis.json``). The small-strain
+    stress plays the part of ``R S R^T``; this is the stress DAMASK reports for it.
+    """
+    e, s = eps_e, sig
+    return s[..., 0] * (1.0 - e[..., :3].sum(-1) + 2.0 * e[..., 0]) + e[..., 4] * s[..., 4] + e[..., 5] * s[..., 5]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -801,6 +837,8 @@ def solve(
     ``log(increment, results)`` is called after each increment with the results still running.
     """
     start = time.perf_counter()
+    if settings.stress_measure not in ("cauchy", "small"):
+        raise ValueError(f"stress_measure must be 'cauchy' or 'small', got {settings.stress_measure!r}")
     grain_ids = np.asarray(grain_ids)
     if grain_ids.ndim == 3:
         grain_ids = grain_ids[None]
@@ -816,7 +854,7 @@ def solve(
         device=device,
         chunk=settings.voxel_chunk,
     )
-    proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device)
+    proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device, settings.nyquist)
     results = [
         VEResult(strain=load.strains, stress_xx=np.full(load.increments + 1, np.nan), converged=True) for _ in range(B)
     ]
@@ -836,8 +874,12 @@ def solve(
         if not batch.ids:
             break
         mean = batch.sig.mean(dim=1).cpu().numpy()
+        if settings.stress_measure == "cauchy":
+            sxx = cauchy_xx(batch.sig, batch.eps - batch.state.eps_p).mean(dim=1).cpu().numpy()
+        else:
+            sxx = mean[:, 0]
         for b, i in enumerate(batch.ids):
-            results[i].stress_xx[inc] = mean[b, 0]
+            results[i].stress_xx[inc] = sxx[b]
             results[i].mean_stress = mean[b]
             results[i].residuals.append(results[i].last_residual)
         if log is not None:
