@@ -82,8 +82,11 @@ def reconstruction_section(params: Params, rec: dict[str, Any]) -> list[str]:
     if not rec:
         return []
     paper = {**PAPER_PHI4_TABLE4.get(params.encoder, {}), **PAPER_PHI4_EDGE}
+    # Sets in the order params.yaml lists them (training, morphology, texture edge cases: the
+    # paper's order), the metrics file's (alphabetical) order for any other.
+    order = list(params.evaluate.sets or params.generate.sets)
     rows = []
-    for name, m in rec.items():
+    for name, m in sorted(rec.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
         if not isinstance(m, dict) or "phi4_mean" not in m:
             continue
         rows.append([
