@@ -67,6 +67,17 @@ def tiny_raw(**sets: dict) -> dict:
     }
 
 
+def microfp_click_group():
+    """The click group of `microfp` with every command registered (as `microfp --help` sees it)."""
+    import typer
+
+    from microfp import cli
+
+    if not any(c.name == "train" for c in cli.app.registered_commands):
+        cli._register_lazy_commands([])
+    return typer.main.get_command(cli.app)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed `microfp` command in a subprocess, as a user would."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}

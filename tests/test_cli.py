@@ -8,7 +8,7 @@ import pytest
 from microfp import datasets, shards
 from microfp.config import parse_params
 
-from conftest import run_cli, tiny_raw
+from conftest import microfp_click_group, run_cli, tiny_raw
 
 COMMANDS = ["check-params", "generate", "datasets-summary", "import dream3d", "import damask", "export damask", "export dream3d"]
 
@@ -33,13 +33,7 @@ def _walk(command, path=()):
 def test_help_texts_survive_rich_markup():
     """Typer renders help with rich markup, which swallows square brackets: "Shard directory
     [default: data/ves/SET]." was shown as "Shard directory .". Defaults are written in parentheses."""
-    import typer
-
-    from microfp import cli
-
-    if not any(c.name == "train" for c in cli.app.registered_commands):
-        cli._register_lazy_commands([])  # what `microfp --help` does: every command
-    params = list(_walk(typer.main.get_command(cli.app)))
+    params = list(_walk(microfp_click_group()))
     assert len({path for path, _ in params}) >= 15, "expected every microfp command"
     bad = [f"{path} {param.name}: {param.help!r}" for path, param in params if "[" in (getattr(param, "help", None) or "")]
     assert not bad, "help text with [...] (rich markup eats it): " + "; ".join(bad)

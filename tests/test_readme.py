@@ -34,13 +34,9 @@ def test_sections_are_there_in_order() -> None:
 
 
 def test_every_named_command_exists() -> None:
-    import typer
+    from conftest import microfp_click_group
 
-    from microfp import cli
-
-    if not any(c.name == "train" for c in cli.app.registered_commands):
-        cli._register_lazy_commands([])  # what `microfp --help` does: every command
-    known = set(typer.main.get_command(cli.app).commands)
+    known = set(microfp_click_group().commands)
     named = set(re.findall(r"`microfp ([a-z][a-z-]*)", README))
     assert named, "README names no microfp command"
     assert not named - known, f"README names commands that do not exist: {sorted(named - known)}"
