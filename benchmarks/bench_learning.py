@@ -322,29 +322,27 @@ def coarse_oracles(x: torch.Tensor, grain_ids: torch.Tensor, crystal: str, k: in
     """Two perfect reconstructions at ``n/k`` voxels per edge of normalised Euler fields ``x``
     ``(B, 3, n, n, n)`` with grain ids ``(B, n, n, n)``, each upsampled back to ``n``:
 
-    ``mean``: per k^3 block the mean orientation (quaternions aligned by the crystal symmetry, as
-    :func:`microfp.evaluate.mean_field`): the best a model gets that knows each block exactly but
+    ``mean``: per k^3 block the mean orientation (:func:`microfp.evaluate.mean_field` over the block's
+    voxels: quaternions aligned by the crystal symmetry): the best a model gets that knows each block exactly but
     averages (the optimum of an MSE-like loss under uncertainty); ``mode``: per block the orientation of
     the grain holding most of its voxels (a sharp, majority-vote reconstruction)."""
-    from microfp.rotations import align_to, euler_field_to_quaternion, quaternion_field_to_euler
+    from microfp.evaluate import mean_field
 
     n = x.shape[-1]
-    q = block_view(euler_field_to_quaternion(x.double(), crystal), k)  # (B, 4, M, k^3)
-    ref = q[..., :1]
-    for _ in range(3):
-        ref = torch.nn.functional.normalize(align_to(q, ref, crystal, dim=1).sum(-1, keepdim=True), dim=1)
-    mean = quaternion_field_to_euler(unblock(ref[..., 0], n, k), crystal).to(x.dtype)
+    xb = block_view(x, k)  # (B, 3, M, k^3)
+    # mean_field averages over its first axis: put each block's voxels there, (k^3, 3, B, M, 1)
+    mean = mean_field(xb.permute(3, 1, 0, 2)[..., None], crystal)[0, :, :, :, 0].permute(1, 0, 2)  # (B, 3, M)
     g = block_view(grain_ids[:, None].long(), k)[:, 0]  # (B, M, k^3)
     pick = torch.mode(g, -1).indices  # (B, M): a voxel of the grain holding most of the block
-    xb = block_view(x, k)  # (B, 3, M, k^3)
     mode = torch.gather(xb, 3, pick[:, None, :, None].expand(-1, 3, -1, 1))[..., 0]
-    return {"mean": mean, "mode": unblock(mode, n, k)}
+    return {"mean": unblock(mean, n, k), "mode": unblock(mode, n, k)}
 
 
 def ceiling(args: argparse.Namespace) -> None:
     """Scores of the coarse oracles (:func:`coarse_oracles`) per set and block size, next to the set's
     mean field: how finely a model must resolve a VE to reach a disorientation target."""
-    from microfp.evaluate import iter_set_batches, mean_field, reconstruction_metrics
+    from microfp.evaluate import mean_field, reconstruction_metrics
+    from microfp.setdata import iter_set_batches
 
     rows = []
     for name in args.sets:
