@@ -13,6 +13,7 @@ from microfp.model import (
     VAEConfig,
     bce,
     beta_at,
+    block_means,
     dense_param_formula,
     fft_mse,
     kl_divergence,
@@ -183,7 +184,7 @@ def test_vae_loss_combines_terms() -> None:
     assert t2["loss"].item() == pytest.approx(t["loss"].item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("representation", ["euler", "quaternion"])
+@pytest.mark.parametrize("representation", ["euler", "quaternion", "harmonics"])
 def test_loss_of_the_same_ve_pair_is_independent_of_ve_size(representation: str) -> None:
     # The same pair of VEs at 16^3 and at 32^3 (every voxel repeated 2 x 2 x 2): same loss terms.
     x16 = torch.rand(2, 3, 16, 16, 16)
@@ -208,6 +209,33 @@ def test_quaternion_vae_reads_and_returns_euler_fields() -> None:
     assert torch.allclose(r.norm(dim=1), torch.ones(2, 16, 16, 16), atol=1e-5)
     x_hat = vae.decode(vae.encode(x)[0])
     assert x_hat.shape == x.shape and float(x_hat.min()) >= 0 and float(x_hat.max()) <= 1
+
+
+@pytest.mark.parametrize("crystal,channels", [("cubic", 9), ("hexagonal", 18)])
+def test_harmonics_vae_reads_and_returns_euler_fields(crystal: str, channels: int) -> None:
+    vae = VAE(VAEConfig(encoder="resnet12", ve_size=16, representation="harmonics", crystal=crystal, **TINY)).eval()
+    x = torch.rand(2, 3, 16, 16, 16)
+    r = vae.represent(x)
+    assert r.shape == (2, channels, 16, 16, 16)
+    x_hat = vae.decode(vae.encode(x)[0])
+    assert x_hat.shape == x.shape and float(x_hat.min()) >= 0 and float(x_hat.max()) <= 1
+
+
+def test_linear_path_starts_as_the_pca_of_the_block_means() -> None:
+    # latent >= the rank of the block means: the initialised VAE returns every training VE's block
+    # field exactly (the ResNet path starts silent), interpolated between block centres.
+    cfg = VAEConfig(encoder="resnet12", ve_size=16, representation="harmonics", linear_grid=2, **{**TINY, "latent_dim": 12})
+    vae = VAE(cfg).eval()
+    x = torch.rand(6, 3, 16, 16, 16)
+    r = vae.represent(x)
+    blocks = block_means(r.double(), 2)
+    assert vae.init_linear_path(blocks) == 5  # 6 VEs around their mean: rank 5
+    out = vae.decode_raw(vae.encode_raw(r)[0])
+    expected = torch.nn.functional.interpolate(blocks.float().view(6, 9, 2, 2, 2), size=(16, 16, 16), mode="trilinear")
+    assert torch.allclose(out, expected, atol=1e-4)
+    mu = vae.encode_raw(r)[0]
+    assert float(mu[:, 5:].abs().max()) == 0.0  # unused latent dimensions stay 0
+    assert mu[:, :5].square().mean().item() == pytest.approx(5 / 6, rel=1e-3)  # unit variance on average
 
 
 def test_vae_loss_is_float32_under_bf16_autocast() -> None:
@@ -254,6 +282,14 @@ def test_param_count_matches_formula(encoder: str) -> None:
     assert counts["encoder_dense"] == f * 24 + 24 + 2 * (24 * 7 + 7)
     enc, dec = _conv_formula(cfg)
     assert (counts["encoder_conv"], counts["decoder_conv"]) == (enc, dec)
+
+
+def test_param_count_formula_with_the_linear_path() -> None:
+    cfg = VAEConfig(encoder="resnet12", ve_size=16, latent_dim=7, hidden_dim=24, base_channels=4, bottleneck_channels=3,
+                    representation="harmonics", linear_grid=2)
+    counts = param_count(VAE(cfg))
+    assert counts["encoder_dense"] + counts["decoder_dense"] == dense_param_formula(cfg)
+    assert dense_param_formula(cfg) - dense_param_formula(VAEConfig(**{**cfg.as_dict(), "linear_grid": 0})) == 2 * (72 * 7) + 7 + 72
 
 
 def test_paper_scale_param_counts_are_lean() -> None:

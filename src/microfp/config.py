@@ -107,13 +107,19 @@ class TrainParams(_Strict):
     bottleneck_channels: int = Field(
         32, gt=0, le=4096, description="channels of the 1x1 squeeze before the hidden layer"
     )
+    linear_grid: int = Field(
+        0, ge=0, le=64, description="> 0: a linear path beside the ResNet, block means of the input on a "
+        "linear_grid^3 grid to mu and mu to an interpolated block field added to the output; 0: off (paper)"
+    )
     alpha: float = Field(0.999, ge=0, le=1, description="weight of BCE vs FFT-MSE")
     beta: float = Field(1.0, ge=0, description="weight of the KL term; 1 = standard VAE (ELBO per voxel)")
     beta_warmup_epochs: int = Field(0, ge=0, description="linear KL warm-up from 0 over these epochs")
-    representation: Literal["euler", "quaternion"] = Field(
+    representation: Literal["euler", "quaternion", "harmonics"] = Field(
         "euler",
         description="euler: 3 normalised Bunge angles, BCE + FFT loss (paper); quaternion: fundamental-zone "
-        "quaternions, loss on the disorientation reduced by the crystal symmetry",
+        "quaternions, loss on the disorientation reduced by the crystal symmetry; harmonics: the "
+        "symmetry-invariant tensor harmonics of the orientation (9 cubic, 18 hexagonal channels), MSE loss, "
+        "decoded to the nearest orientation",
     )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="cosine: linear warm-up over warmup_fraction of the steps, then cosine decay to 0"

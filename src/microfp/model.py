@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from microfp.atomic import atomic_output
 from microfp.config import Params
 from microfp.errors import MicrofpError
+from microfp.harmonics import CHANNELS as HARMONIC_CHANNELS, nearest_orientation, whitened_field
 from microfp.rotations import euler_field_to_quaternion, quaternion_field_to_euler, symmetric_misorientation_loss
 
 BLOCKS: dict[str, tuple[int, int, int, int]] = {
@@ -51,7 +52,8 @@ BLOCKS: dict[str, tuple[int, int, int, int]] = {
     "resnet18": (2, 2, 2, 2),
     "resnet34": (3, 4, 6, 3),
 }
-CHANNELS: dict[str, int] = {"euler": 3, "quaternion": 4}
+REPRESENTATIONS = ("euler", "quaternion", "harmonics")
+CHANNELS: dict[str, int] = {"euler": 3, "quaternion": 4}  # harmonics: HARMONIC_CHANNELS[crystal] (9 or 18)
 LOGVAR_INIT = -6.0  # initial ln(sigma^2) of q(z | x): sigma = 0.05 (see Encoder)
 LOGVAR_RANGE = (-30.0, 20.0)  # ln(sigma^2) is clamped to it: exp() stays finite (no inf KL)
 # Reference size of the loss normalisation: the paper's 64^3 VE with 3 channels. The FFT term and the
@@ -70,12 +72,14 @@ class VAEConfig:
     hidden_dim: int = 8192
     base_channels: int = 64
     bottleneck_channels: int = 32
-    representation: str = "euler"  # "euler": 3 normalised angles (paper); "quaternion": 4 channels, FZ
-    crystal: str = "cubic"  # symmetry of the quaternion representation and its loss
+    representation: str = "euler"  # "euler": 3 normalised angles (paper); "quaternion": 4 channels, FZ;
+    # "harmonics": the whitened symmetry-invariant harmonics (microfp.harmonics), 9 cubic / 18 hexagonal
+    crystal: str = "cubic"  # symmetry of the quaternion / harmonics representation and its loss
+    linear_grid: int = 0  # > 0: the linear path, block means on a linear_grid^3 grid (see LinearPath); 0: off (paper)
 
     def __post_init__(self) -> None:
-        if self.representation not in CHANNELS:
-            raise ValueError(f"representation must be one of {', '.join(CHANNELS)}, got {self.representation!r}")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {', '.join(REPRESENTATIONS)}, got {self.representation!r}")
         if self.crystal not in ("cubic", "hexagonal"):
             raise ValueError(f"crystal must be cubic or hexagonal, got {self.crystal!r}")
         if self.encoder not in BLOCKS:
@@ -85,6 +89,8 @@ class VAEConfig:
         for key in ("latent_dim", "hidden_dim", "base_channels", "bottleneck_channels"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.linear_grid < 0 or (self.linear_grid and self.ve_size % self.linear_grid):
+            raise ValueError(f"linear_grid must be 0 or divide ve_size ({self.ve_size}), got {self.linear_grid}")
 
     @property
     def flat_dim(self) -> int:
@@ -93,7 +99,9 @@ class VAEConfig:
 
     @property
     def channels(self) -> int:
-        """Channels per voxel the network sees and returns: 3 (Euler) or 4 (quaternion)."""
+        """Channels per voxel the network sees and returns: 3 (Euler), 4 (quaternion), 9 or 18 (harmonics)."""
+        if self.representation == "harmonics":
+            return HARMONIC_CHANNELS[self.crystal]
         return CHANNELS[self.representation]
 
     def as_dict(self) -> dict[str, int | str]:
@@ -141,6 +149,17 @@ class ResBlock(nn.Module):
         return F.relu(y + x, inplace=True)
 
 
+def block_means(x: Tensor, grid: int) -> Tensor:
+    """(B, C, n, n, n) -> (B, C * grid^3): the mean of each of the grid^3 blocks of (n / grid)^3 voxels."""
+    return F.avg_pool3d(x, x.shape[-1] // grid).flatten(1)
+
+
+def linear_upsample(coarse: Tensor, grid: int, n: int) -> Tensor:
+    """(B, C * grid^3) -> (B, C, n, n, n): the block field, trilinearly interpolated between block centres."""
+    return F.interpolate(coarse.view(coarse.shape[0], -1, grid, grid, grid), size=(n, n, n), mode="trilinear",
+                         align_corners=False)
+
+
 class Encoder(nn.Module):
     """(B, 3, n, n, n) -> (mu, logvar), each (B, latent_dim)."""
 
@@ -164,10 +183,17 @@ class Encoder(nn.Module):
         # z, the encoder gets no gradient and the latent collapses (KL -> 0) within a few hundred steps.
         nn.init.zeros_(self.logvar.weight)
         nn.init.constant_(self.logvar.bias, LOGVAR_INIT)
+        self.grid = cfg.linear_grid
+        self.linear = nn.Linear(cfg.channels * self.grid**3, cfg.latent_dim) if self.grid else None
+        if self.grid:  # the ResNet path starts silent: mu = the linear path's (see LinearPath in VAE)
+            nn.init.zeros_(self.mu.weight), nn.init.zeros_(self.mu.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.hidden(self.squeeze(self.layers(self.stem(x))))
-        return self.mu(h), self.logvar(h).clamp(*LOGVAR_RANGE)
+        mu = self.mu(h)
+        if self.linear is not None:
+            mu = mu + self.linear(block_means(x, self.grid))
+        return mu, self.logvar(h).clamp(*LOGVAR_RANGE)
 
 
 class Decoder(nn.Module):
@@ -191,11 +217,17 @@ class Decoder(nn.Module):
         stages += [up_bn_relu(b, head), nn.Conv3d(head, cfg.channels, 3, padding=1)]  # n/2 -> n
         self.layers = nn.Sequential(*stages)
         self.euler = cfg.representation == "euler"
+        self.grid, self.n = cfg.linear_grid, cfg.ve_size
+        self.linear = nn.Linear(cfg.latent_dim, cfg.channels * self.grid**3) if self.grid else None
+        if self.grid:  # the ResNet path starts silent: the output is the linear path's
+            nn.init.zeros_(stages[-1].weight), nn.init.zeros_(stages[-1].bias)
 
     def forward(self, z: Tensor) -> Tensor:
-        """Raw output in the representation: Euler in (0, 1) (sigmoid) or unnormalised quaternions."""
+        """Raw output in the representation: Euler in (0, 1) (sigmoid), unnormalised quaternions or harmonics."""
         h = self.dense(z).view(z.shape[0], *self.shape)
         out = self.layers(self.unsqueeze(h))
+        if self.linear is not None:
+            out = out + linear_upsample(self.linear(z), self.grid, self.n)
         return torch.sigmoid(out) if self.euler else out
 
 
@@ -218,6 +250,8 @@ class VAE(nn.Module):
         """Normalised Euler field (B, 3, n, n, n) -> the network's input/target (B, C, n, n, n)."""
         if self.cfg.representation == "euler":
             return x
+        if self.cfg.representation == "harmonics":
+            return whitened_field(euler_field_to_quaternion(x.float()), self.cfg.crystal).to(x.dtype)
         return euler_field_to_quaternion(x.float(), self.cfg.crystal).to(x.dtype)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -233,11 +267,44 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def decode(self, z: Tensor) -> Tensor:
-        """(B, 3, n, n, n) normalised Euler field in [0, 1] (fundamental zone for quaternions)."""
+        """(B, 3, n, n, n) normalised Euler field in [0, 1] (fundamental zone for quaternions and harmonics;
+        harmonics are decoded to the nearest orientation, :class:`microfp.harmonics.NearestOrientation`)."""
         out = self.decoder(z)
         if self.cfg.representation == "euler":
             return out
+        if self.cfg.representation == "harmonics":
+            flat = out.float().movedim(1, -1).reshape(-1, out.shape[1])
+            q = nearest_orientation(self.cfg.crystal)(flat).view(*out.shape[:1], *out.shape[2:], 4).movedim(-1, 1)
+            return quaternion_field_to_euler(q, self.cfg.crystal)
         return quaternion_field_to_euler(out, self.cfg.crystal)
+
+    @torch.no_grad()
+    def init_linear_path(self, blocks: Tensor) -> int:
+        """Set the linear path to the principal components of training block means; returns how many.
+
+        ``blocks`` (N, C * linear_grid^3): :func:`block_means` of training VEs in the representation.
+        The encoder maps a VE's block means to their first ``latent_dim`` principal coordinates, all
+        divided by one scale (their root-mean-square deviation: unit variance on average over the
+        training set, as the prior, while the coordinates keep PCA's order of importance), the decoder
+        maps them back (times the scale, plus the mean): at the start of training the VAE is the
+        best linear autoencoder of the block means (PCA), and the ResNet, silent at the start, learns
+        what PCA misses. Without this the linear path is learnt too, but from scratch (issue 11: a few
+        % of the variance in the default profile's 192 steps). Deterministic (an SVD in float64)."""
+        enc, dec = self.encoder.linear, self.decoder.linear
+        if enc is None or dec is None:
+            raise ValueError("init_linear_path needs linear_grid > 0")
+        x = blocks.double().flatten(1)
+        mean = x.mean(0)
+        _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
+        k = min(self.cfg.latent_dim, int((sv > sv[0] * 1e-6).sum()))
+        scale = (sv[:k].square().mean() / max(len(x) - 1, 1)).sqrt()
+        w_enc = torch.zeros_like(enc.weight, dtype=torch.float64)
+        w_enc[:k] = vt[:k] / scale
+        enc.weight.copy_(w_enc), enc.bias.copy_(-(w_enc @ mean))
+        w_dec = torch.zeros_like(dec.weight, dtype=torch.float64)
+        w_dec[:, :k] = vt[:k].T * scale
+        dec.weight.copy_(w_dec), dec.bias.copy_(mean)
+        return k
 
     def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
         """z = mu + sigma * eps with eps ~ N(0, I) drawn per sample and dimension, in training only."""
@@ -264,13 +331,13 @@ def param_count(model: nn.Module | VAEConfig) -> dict[str, int]:
     assert isinstance(model, VAE)
 
     def count(*modules: nn.Module) -> int:
-        return sum(p.numel() for m in modules for p in m.parameters())
+        return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
     enc, dec = model.encoder, model.decoder
     parts = {
         "encoder_conv": count(enc.stem, enc.layers, enc.squeeze),
-        "encoder_dense": count(enc.hidden, enc.mu, enc.logvar),
-        "decoder_dense": count(dec.dense),
+        "encoder_dense": count(enc.hidden, enc.mu, enc.logvar, enc.linear),
+        "decoder_dense": count(dec.dense, dec.linear),
         "decoder_conv": count(dec.unsqueeze, dec.layers),
     }
     parts["total"] = sum(parts.values())
@@ -282,7 +349,8 @@ def dense_param_formula(cfg: VAEConfig) -> int:
     f, h, z = cfg.flat_dim, cfg.hidden_dim, cfg.latent_dim
     encoder = (f * h + h) + 2 * (h * z + z)
     decoder = (z * h + h) + (h * f + f)
-    return encoder + decoder
+    blocks = cfg.channels * cfg.linear_grid**3  # the linear path (0 when off)
+    return encoder + decoder + ((2 * blocks * z + z + blocks) if blocks else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +405,8 @@ def beta_at(epoch: int, beta: float, warmup_epochs: int) -> float:
 
 def loss_terms(representation: str) -> tuple[str, ...]:
     """Names of the terms :func:`vae_loss` returns for a representation (the columns of the curves)."""
-    return ("loss", "recon", "bce", "fft", "kl") if representation == "euler" else ("loss", "recon", "mis", "kl")
+    recon = {"euler": ("bce", "fft"), "quaternion": ("mis",), "harmonics": ("mse",)}[representation]
+    return ("loss", "recon", *recon, "kl")
 
 
 def vae_loss(
@@ -356,8 +425,11 @@ def vae_loss(
         elif representation == "quaternion":
             terms = {"mis": symmetric_misorientation_loss(x_hat, x, crystal)}
             terms["recon"] = terms["mis"]
+        elif representation == "harmonics":
+            terms = {"mse": F.mse_loss(x_hat.float(), x.float())}
+            terms["recon"] = terms["mse"]
         else:
-            raise ValueError(f"representation must be one of {', '.join(CHANNELS)}, got {representation!r}")
+            raise ValueError(f"representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}")
         terms["kl"] = kl_divergence(mu, logvar, REF_ELEMENTS)
         terms["loss"] = terms["recon"] + beta * terms["kl"]
     return terms
@@ -449,6 +521,7 @@ def model_config(params: Params, crystal: str = "cubic") -> VAEConfig:
         bottleneck_channels=t.bottleneck_channels,
         representation=t.representation,
         crystal=crystal,
+        linear_grid=t.linear_grid,
     )
 
 

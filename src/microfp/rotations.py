@@ -34,6 +34,7 @@ __all__ = [
     "euler_to_quaternion",
     "quaternion_field_to_euler",
     "quaternion_multiply",
+    "quaternion_to_matrix",
     "phi4",
     "quaternion_to_euler",
     "reduce_to_fz",
@@ -78,6 +79,19 @@ def quaternion_to_euler(q: torch.Tensor) -> torch.Tensor:
     return torch.stack(
         [torch.remainder(half_sum - half_diff, two_pi), big, torch.remainder(half_sum + half_diff, two_pi)], dim=-1
     )
+
+
+def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices ``(..., 3, 3)`` of unit quaternions ``(..., 4)``: damask's ``Rotation.as_matrix``
+    (passive: row ``i`` is crystal axis ``i`` in the sample frame)."""
+    w, x, y, z = q.unbind(-1)
+    qq = w * w - (x * x + y * y + z * z)
+    rows = [
+        qq + 2 * x * x, 2 * (y * x - _P * w * z), 2 * (z * x + _P * w * y),
+        2 * (x * y + _P * w * z), qq + 2 * y * y, 2 * (z * y - _P * w * x),
+        2 * (x * z - _P * w * y), 2 * (y * z + _P * w * x), qq + 2 * z * z,
+    ]
+    return torch.stack(rows, -1).reshape(*q.shape[:-1], 3, 3)
 
 
 def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -183,12 +197,15 @@ def disorientation_cos_half(q1: torch.Tensor, q2: torch.Tensor, family: str, dim
     return torch.maximum(torch.maximum(m1, m2), torch.maximum(m1 * s3 + m4 * 0.5, m2 * s3 + m3 * 0.5))
 
 
-def euler_field_to_quaternion(x: torch.Tensor, family: str) -> torch.Tensor:
-    """Normalised Euler field ``(B, 3, n, n, n)`` in [0, 1] -> fundamental-zone quaternion field
-    ``(B, 4, n, n, n)`` (unit along dim 1), the input of a ``quaternion`` VAE."""
+def euler_field_to_quaternion(x: torch.Tensor, family: str | None = None) -> torch.Tensor:
+    """Normalised Euler field ``(B, 3, n, n, n)`` in [0, 1] -> quaternion field ``(B, 4, n, n, n)`` (unit
+    along dim 1), reduced to the fundamental zone of ``family`` if given (the input of a ``quaternion``
+    VAE)."""
     scale = x.new_tensor(EULER_SCALE).view(1, 3, *([1] * (x.ndim - 2)))
     q = euler_to_quaternion((x * scale).movedim(1, -1))
-    return reduce_to_fz(q, family).movedim(-1, 1).contiguous()
+    if family is not None:
+        q = reduce_to_fz(q, family)
+    return q.movedim(-1, 1).contiguous()
 
 
 def quaternion_field_to_euler(q: torch.Tensor, family: str) -> torch.Tensor:

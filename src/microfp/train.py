@@ -51,6 +51,7 @@ from microfp.model import (
     VAEConfig,
     architecture_of_params,
     beta_at,
+    block_means,
     loss_terms,
     model_config,
     model_of_checkpoint,
@@ -569,6 +570,18 @@ def _remove_stale(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+@torch.no_grad()
+def training_block_means(vae: VAE, dataset: Dataset, batch: int = 32) -> torch.Tensor:
+    """(N, C * linear_grid^3) block means of every training VE in the VAE's representation, in float64
+    (what :meth:`microfp.model.VAE.init_linear_path` fits)."""
+    grid = vae.cfg.linear_grid
+    rows = []
+    for start in range(0, len(dataset), batch):
+        x = torch.stack([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+        rows.append(block_means(vae.represent(x).double(), grid))
+    return torch.cat(rows)
+
+
 def train(
     params: Params,
     data: str | Path = "data/ves",
@@ -596,6 +609,9 @@ def train(
     L.seed_everything(params.seed + start_epoch, workers=True, verbose=False)
 
     module = VAEModule.from_params(params, crystal=datamodule.train_set.crystal)
+    if t.linear_grid and ckpt_path is None:
+        k = module.vae.init_linear_path(training_block_means(module.vae, datamodule.train_set))
+        log.info(f"linear path: {k} principal components of the training VEs' {t.linear_grid}^3 block means")
     counts = param_count(module.vae)
     log.info(
         f"{params.encoder} VAE ({t.representation}, {datamodule.train_set.crystal}), {params.ve_size}^3, "
