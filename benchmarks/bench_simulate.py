@@ -19,7 +19,7 @@ listed in --sizes) by voxel refinement and reports the final stress of each.
 temporary file) on the same VEs in the same run, and reports the speed-up (wall and CPU time) and the
 largest relative difference of the sigma_xx curves:
 
-    python benchmarks/bench_simulate.py --sizes 16 --n 8 --no-unbatched --compare-ref main
+    python benchmarks/bench_simulate.py --sizes 16 64 --n 8 1 --threads 1 --no-unbatched --compare-ref main
 
 On a machine shared with other jobs the wall time of a multi-threaded torch run swings several-fold;
 ``cpu_s_per_ve`` (process CPU time over all threads, core-seconds) is steadier.
@@ -103,7 +103,7 @@ def compare(module, rev, g, eulers, load, args, entry, res_b):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--n", type=int, default=2, help="VEs per size")
+    ap.add_argument("--n", type=int, nargs="+", default=[2], help="VEs per size (one number, or one per size)")
     ap.add_argument("--increments", type=int, default=20)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
@@ -118,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load = cp.Load(strain=0.01, rate=1e-3, increments=args.increments)
     settings = cp.SolverSettings(device=args.device, dtype=args.dtype)
-    report: dict = {"threads": args.threads, "device": args.device, "dtype": args.dtype,
+    head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True).stdout.strip()
+    report: dict = {"rev": head, "compare_ref": args.compare_ref, "threads": args.threads, "device": args.device, "dtype": args.dtype,
                     "increments": args.increments, "sizes": {}}
     print(f"torch {torch.__version__}, {args.threads} threads, {args.device}, {args.dtype}, {args.increments} increments")
-    for size in args.sizes:
-        ves = make_ves(size, args.n)
+    if len(args.n) not in (1, len(args.sizes)):
+        ap.error("--n takes one number or one per size")
+    for size, n_ves in zip(args.sizes, args.n * len(args.sizes) if len(args.n) == 1 else args.n):
+        ves = make_ves(size, n_ves)
         g = ves.grain_ids if ves.ve_size == size else ves.grain_ids[:, :: ves.ve_size // size, :: ves.ve_size // size, :: ves.ve_size // size]
         eulers = [ves.grain_euler(i).astype(np.float64) for i in range(len(ves))]
         wall_b, cpu_b, res_b = timed(g, eulers, load, settings)

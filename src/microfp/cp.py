@@ -30,6 +30,11 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   cost (the fixed point contracts by only ~2 % per sweep). The material tangent passed to the
   equilibrium solver is the one at fixed resistances, ``(S + sum_a d dgamma_a / d tau_a  p_a p_a^T)^-1``
   (symmetric positive definite, so CG applies); the hardening contribution is left out of it.
+  The local Newton runs in each voxel's crystal frame, where every voxel shares the Schmid tensors and
+  the compliance (one phase), so the products with them are plain matrix products; the strain goes in
+  and the stress and tangent come out through the grain's orthogonal Mandel rotation ``Q``
+  (:func:`mandel_rotation`), and convergence is tested on the lab-frame residual as before (solver v4
+  computed the same update in the lab frame with per-voxel Schmid tensors; same results to round-off).
 * Equilibrium: Galerkin FFT (de Geus et al. 2017; Zeman et al. 2017): the unknown is the strain
   field, constrained to compatible fluctuations plus a mean; Newton iterations, each solving the
   linearised problem ``G(K : d eps) = -G(sigma)`` by conjugate gradients. ``G`` is the L2-orthogonal
@@ -78,6 +83,10 @@ __all__ = [
 ]
 
 SQ2 = math.sqrt(2.0)
+# voxels per call of the local update: on a CPU the temporaries of a few thousand voxels (~2 MB each)
+# stay in the caches, which makes the update ~20 % faster than at 32768; a GPU wants large calls
+CPU_CHUNK = 8192
+GPU_CHUNK = 2**18
 _DEBUG = False
 VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
@@ -313,7 +322,7 @@ class Material:
         p: MgParameters = MG,
         local_tol: float | None = None,
         max_local: int = 60,
-        chunk: int = 32768,
+        chunk: int = 0,
     ) -> None:
         self.p, self.elastic, self.twinning = p, elastic, twinning and not elastic
         self.dtype, self.device = dtype, torch.device(device)
@@ -353,7 +362,7 @@ class Material:
         self.local_tol = local_tol if local_tol is not None else (1e-10 if dtype == torch.float64 else 1e-12)
         self.local_rtol = 0.0 if dtype == torch.float64 else 1e-5
         self.max_local = max_local
-        self.chunk = chunk
+        self.chunk = chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
 
     # -- setup -----------------------------------------------------------------------------------
     def voxel_grains(self, grain_ids: np.ndarray) -> torch.Tensor:
@@ -392,7 +401,7 @@ class Material:
         """
         p, ns = self.p, self.n_slip
         G = shears[:, :1]
-        xs_n, xs_inf = xi_n[:, self.slip_first], self.xi_inf[self.slip_first]  # (m, families)
+        xs_n, xs_inf = xi_n.index_select(1, self.slip_first), self.xi_inf[self.slip_first]  # (m, families)
         x = xs_n
         for it in range(3):
             sat = 1.0 - x / xs_inf
@@ -404,8 +413,8 @@ class Material:
             x = x - (x - xs_n - H * G) / (1.0 - dH * G)
         xi = torch.empty_like(xi_n)
         u = torch.empty_like(xi_n)
-        xi[:, :ns] = x[:, self.slip_family]
-        u[:, :ns] = (H / (1.0 - dH * G))[:, self.slip_family]
+        xi[:, :ns] = x.index_select(1, self.slip_family)
+        u[:, :ns] = (H / (1.0 - dH * G)).index_select(1, self.slip_family)
         if self.n_twin:
             xi[:, ns:] = xi_n[:, ns:] + p.h_0_tw_sl * (slip_n + G) * G + p.h_0_tw_tw * shears[:, 1:2]
             u[:, ns:] = p.h_0_tw_sl * (slip_n + 2.0 * G)
@@ -680,7 +689,7 @@ class SolverSettings:
     elastic: bool = False
     dtype: str = "float64"
     device: str = "cpu"
-    voxel_chunk: int = 32768  # voxels per local-update call (memory; larger on GPUs)
+    voxel_chunk: int = 0  # voxels per local-update call; 0: CPU_CHUNK on CPUs, GPU_CHUNK on GPUs
     nyquist: str = "reduced"  # even grids: "reduced" (DAMASK's) or "drop" (solver v3); see Projection
     stress_measure: str = "cauchy"  # reported sigma_xx: "cauchy" (first order in eps_e, as DAMASK's) or "small"
 
