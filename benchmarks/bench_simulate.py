@@ -87,7 +87,9 @@ def compare(module, rev, g, eulers, load, args, entry, res_b):
     wall, cpu, res = timed(g, eulers, module.Load(strain=load.strain, rate=load.rate, increments=load.increments),
                            settings, module)
     n = len(eulers)
-    entry["ref"] = {"rev": rev, "batched_s_per_ve": wall / n, "cpu_s_per_ve": cpu / n,
+    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True).stdout.strip()
+    entry["ref"] = {"rev": rev, "commit": commit, "batched_s_per_ve": wall / n, "cpu_s_per_ve": cpu / n,
                     "final_mpa": [float(r.stress_xx[-1] / 1e6) for r in res],
                     "newton": [r.newton_iterations for r in res]}
     entry["speedup_vs_ref"] = entry["ref"]["batched_s_per_ve"] / entry["batched_s_per_ve"]

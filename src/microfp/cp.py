@@ -84,7 +84,7 @@ __all__ = [
 
 SQ2 = math.sqrt(2.0)
 # voxels per call of the local update: on a CPU the temporaries of a few thousand voxels (~2 MB each)
-# stay in the caches, which makes the update ~20 % faster than at 32768; a GPU wants large calls
+# stay in the caches, and the update is faster than in calls of 32768; a GPU wants large calls
 CPU_CHUNK = 8192
 GPU_CHUNK = 2**18
 _DEBUG = False
