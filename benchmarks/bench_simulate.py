@@ -14,12 +14,23 @@ listed in --sizes) by voxel refinement and reports the final stress of each.
 
 ``--float32`` also times the float32 solver (batched) in the same run and reports its speed-up over the
 ``--dtype`` one and the largest difference of their curves.
+
+``--compare-ref REV`` also runs the solver of git revision REV (its ``src/microfp/cp.py``, imported from a
+temporary file) on the same VEs in the same run, and reports the speed-up (wall and CPU time) and the
+largest relative difference of the sigma_xx curves:
+
+    python benchmarks/bench_simulate.py --sizes 16 64 --n 8 1 --threads 1 --no-unbatched --compare-ref main
+
+On a machine shared with other jobs the wall time of a multi-threaded torch run swings several-fold;
+``cpu_s_per_ve`` (process CPU time over all threads, core-seconds) is steadier.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,16 +60,52 @@ def make_ves(size: int, n: int, seed: int = 11) -> shards.VESet:
         return shards.read_set(tmp)
 
 
-def timed(grain_ids, eulers, load, settings):
-    start = time.perf_counter()
-    res = cp.solve(grain_ids, eulers, load, settings)
-    return time.perf_counter() - start, res
+def timed(grain_ids, eulers, load, settings, module=cp):
+    """(wall s, CPU s of this process, results) of ``module.solve``."""
+    start, cpu = time.perf_counter(), time.process_time()
+    res = module.solve(grain_ids, eulers, load, settings)
+    return time.perf_counter() - start, time.process_time() - cpu, res
+
+
+def solver_at(rev: str):
+    """The ``microfp.cp`` module of git revision ``rev``, imported from a temporary copy of its source."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:src/microfp/cp.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "cp_ref.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("cp_ref", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cp_ref"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(module, rev, g, eulers, load, args, entry, res_b):
+    """Run ``module`` (the solver of ``rev``) batched on the same VEs; add its timings and the differences."""
+    settings = module.SolverSettings(device=args.device, dtype=args.dtype)
+    wall, cpu, res = timed(g, eulers, module.Load(strain=load.strain, rate=load.rate, increments=load.increments),
+                           settings, module)
+    n = len(eulers)
+    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True).stdout.strip()
+    entry["ref"] = {"rev": rev, "commit": commit, "batched_s_per_ve": wall / n, "cpu_s_per_ve": cpu / n,
+                    "final_mpa": [float(r.stress_xx[-1] / 1e6) for r in res],
+                    "newton": [r.newton_iterations for r in res]}
+    entry["speedup_vs_ref"] = entry["ref"]["batched_s_per_ve"] / entry["batched_s_per_ve"]
+    entry["cpu_speedup_vs_ref"] = entry["ref"]["cpu_s_per_ve"] / entry["cpu_s_per_ve"]
+    entry["max_rel_diff_vs_ref"] = float(max(
+        np.nanmax(np.abs(a.stress_xx[1:] / b.stress_xx[1:] - 1)) for a, b in zip(res_b, res)
+    ))
+    print(f"{g.shape[1]}^3 vs {rev}: {entry['ref']['batched_s_per_ve']:.1f} s/VE ({entry['ref']['cpu_s_per_ve']:.1f} "
+          f"CPU s/VE) -> x{entry['speedup_vs_ref']:.2f} wall, x{entry['cpu_speedup_vs_ref']:.2f} CPU; curves within "
+          f"{entry['max_rel_diff_vs_ref']:.1e}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--n", type=int, default=2, help="VEs per size")
+    ap.add_argument("--n", type=int, nargs="+", default=[2], help="VEs per size (one number, or one per size)")
     ap.add_argument("--increments", type=int, default=20)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
@@ -66,21 +113,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-unbatched", action="store_true", help="skip the one-VE-at-a-time runs")
     ap.add_argument("--float32", action="store_true", help="also time float32 (batched) in the same run")
     ap.add_argument("--refine", action="store_true", help="grid refinement 16 -> 32 (-> 64) of one geometry")
+    ap.add_argument("--compare-ref", metavar="REV", help="also run the solver of git revision REV (same run)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
+    ref_module = solver_at(args.compare_ref) if args.compare_ref else None
     torch.set_num_threads(args.threads)
     load = cp.Load(strain=0.01, rate=1e-3, increments=args.increments)
     settings = cp.SolverSettings(device=args.device, dtype=args.dtype)
-    report: dict = {"threads": args.threads, "device": args.device, "dtype": args.dtype,
+    head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True).stdout.strip()
+    report: dict = {"rev": head, "compare_ref": args.compare_ref, "threads": args.threads, "device": args.device, "dtype": args.dtype,
                     "increments": args.increments, "sizes": {}}
     print(f"torch {torch.__version__}, {args.threads} threads, {args.device}, {args.dtype}, {args.increments} increments")
-    for size in args.sizes:
-        ves = make_ves(size, args.n)
+    if len(args.n) not in (1, len(args.sizes)):
+        ap.error("--n takes one number or one per size")
+    for size, n_ves in zip(args.sizes, args.n * len(args.sizes) if len(args.n) == 1 else args.n):
+        ves = make_ves(size, n_ves)
         g = ves.grain_ids if ves.ve_size == size else ves.grain_ids[:, :: ves.ve_size // size, :: ves.ve_size // size, :: ves.ve_size // size]
         eulers = [ves.grain_euler(i).astype(np.float64) for i in range(len(ves))]
-        wall_b, res_b = timed(g, eulers, load, settings)
+        wall_b, cpu_b, res_b = timed(g, eulers, load, settings)
         entry = {
             "batched_s_per_ve": wall_b / len(eulers),
+            "cpu_s_per_ve": cpu_b / len(eulers),
             "converged": [r.converged for r in res_b],
             "final_mpa": [float(r.stress_xx[-1] / 1e6) for r in res_b],
             "newton": [r.newton_iterations for r in res_b],
@@ -92,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["batched_speedup"] = entry["unbatched_s_per_ve"] / entry["batched_s_per_ve"]
         if args.float32:
             s32 = cp.SolverSettings(device=args.device, dtype="float32")
-            wall_32, res_32 = timed(g, eulers, load, s32)
+            wall_32, _, res_32 = timed(g, eulers, load, s32)
             entry["float32_s_per_ve"] = wall_32 / len(eulers)
             entry["float32_speedup"] = entry["batched_s_per_ve"] / entry["float32_s_per_ve"]
             entry["float32_max_rel_diff"] = float(max(
@@ -100,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             ))
             print(f"{size}^3 float32: {entry['float32_s_per_ve']:.1f} s/VE (x{entry['float32_speedup']:.2f} vs "
                   f"{args.dtype}), curves within {entry['float32_max_rel_diff']:.1e}", flush=True)
+        if ref_module is not None:
+            compare(ref_module, args.compare_ref, g, eulers, load, args, entry, res_b)
         core_s = entry["batched_s_per_ve"] * (args.threads if args.device == "cpu" else 1)
         entry["core_s_per_ve"] = core_s
         entry["paper_core_s_per_ve"] = PAPER_CORE_SECONDS
@@ -119,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             f = size // 16
             gi = base.repeat(f, 0).repeat(f, 1).repeat(f, 2)[None]
-            wall, res = timed(gi, euler, load, settings)
+            wall, _, res = timed(gi, euler, load, settings)
             finals[str(size)] = {"final_mpa": float(res[0].stress_xx[-1] / 1e6), "curve_mpa": (res[0].stress_xx / 1e6).round(3).tolist(),
                                  "wall_s": wall, "converged": res[0].converged}
             print(f"refinement {size}^3: sigma_xx(1%) = {finals[str(size)]['final_mpa']:.2f} MPa ({wall:.0f} s)", flush=True)

@@ -295,7 +295,9 @@ def _local_problem(n_voxels: int = 64, twinning: bool = True):
     rng = np.random.default_rng(5)
     mat = cp.Material([rng.uniform([0, 0, 0], [2 * np.pi, np.pi, 2 * np.pi], (8, 3))], twinning=twinning)
     g = torch.as_tensor(rng.integers(0, 8, n_voxels))
-    xi_n = mat.xi_0 * torch.as_tensor(rng.uniform(1.0, 2.0, (n_voxels, mat.n_systems)))
+    # one resistance per family (the hardening law keeps the systems of a family equal)
+    family = cp.system_table(twinning)["family"]
+    xi_n = mat.xi_0 * torch.as_tensor(rng.uniform(1.0, 2.0, (n_voxels, family.max() + 1))[:, family])
     y = torch.cat(
         [torch.as_tensor(rng.normal(0, 10e6, (n_voxels, 6))), torch.as_tensor(rng.uniform(0, 2e-3, (n_voxels, 1 + twinning)))],
         dim=1,
@@ -308,17 +310,40 @@ def _local_problem(n_voxels: int = 64, twinning: bool = True):
 
 @pytest.mark.parametrize("twinning", [True, False])
 def test_local_jacobian_is_the_derivative_of_the_local_residual(twinning):
-    """Central differences of the voxel residual (stress and accumulated shears) against _jacobian."""
-    mat, g, xi_n, y, tf, target = _local_problem(twinning=twinning)
-    Pg, Sg = mat.P[g], mat.S[g]
-    r, dg, dgd, dgx, xi, u = mat._residual(y, Pg, Sg, target, xi_n, tf, 0.5)
-    J = mat._jacobian(Sg, Pg, u, dg, dgd, dgx)
+    """Central differences of the voxel residual (stress and accumulated shears, crystal frame) against _jacobian."""
+    mat, _, xi_n, y, tf, target = _local_problem(twinning=twinning)
+    r, dg, dgd, dgx, xi, u = mat._residual(y, target, xi_n, tf, 0.5)
+    J = mat._jacobian(u, dg, dgd, dgx)
     scale = torch.cat([torch.full((6,), 1e3), torch.full((y.shape[1] - 6,), 1e-9)]).to(y)  # Pa, shear
     for k in range(y.shape[1]):
         h = torch.zeros_like(y)
         h[:, k] = scale[k]
-        fd = (mat._residual(y + h, Pg, Sg, target, xi_n, tf, 0.5)[0] - mat._residual(y - h, Pg, Sg, target, xi_n, tf, 0.5)[0]) / (2 * scale[k])
+        fd = (mat._residual(y + h, target, xi_n, tf, 0.5)[0] - mat._residual(y - h, target, xi_n, tf, 0.5)[0]) / (2 * scale[k])
         np.testing.assert_allclose(J[:, :, k].numpy(), fd.numpy(), rtol=1e-5, atol=1e-6 * float(J[:, :, k].abs().max()))
+
+
+def test_crystal_frame_tensors_rotate_into_the_lab_ones():
+    """The local update's shared crystal-frame tensors and per-grain Mandel rotations give grain_tensors."""
+    mat, *_ = _local_problem()
+    Q = mat.Q
+    torch.testing.assert_close(Q @ Q.transpose(1, 2), torch.eye(6, dtype=Q.dtype).expand_as(Q), rtol=0, atol=1e-14)
+    torch.testing.assert_close(Q @ mat.S0 @ Q.transpose(1, 2), mat.S, rtol=1e-12, atol=1e-12 * float(mat.S0.abs().max()))
+    torch.testing.assert_close(mat.P0 @ Q.transpose(1, 2), mat.P, rtol=1e-12, atol=1e-14)
+
+
+def test_local_update_keeps_the_resistances_of_a_family_equal():
+    """One increment of plastic flow from equal family resistances: they stay equal (the per-family
+    hardening of _resistances relies on it), and the lab-frame stress satisfies Hooke's law with eps_p."""
+    mat, g, xi_n, y, hist, target = _local_problem()
+    out = mat._local(g, target * 5, xi_n, hist, torch.zeros(len(g), 6, dtype=y.dtype), torch.zeros_like(y[:, 6:]), 0.5)
+    sig, dg, deps_p, xi, shears, K, converged, _ = out
+    assert bool(converged.all()) and float(dg.abs().max()) > 1e-4
+    family = torch.as_tensor(cp.system_table()["family"])
+    for f in family.unique():
+        cols = xi[:, family == f]
+        assert bool((cols == cols[:, :1]).all())
+    strain = torch.einsum("mij,mj->mi", mat.S[g], sig) + deps_p
+    torch.testing.assert_close(strain, target * 5, rtol=0, atol=1e-9)
 
 
 def test_resistances_solve_the_backward_euler_hardening_law():

@@ -218,7 +218,9 @@ class SimulateParams(_Strict):
     dtype: Literal["float64", "float32"] = Field(
         "float64", description="float32: about 1.8x faster on CPU, curves within ~1e-6 of float64"
     )
-    voxel_chunk: int = Field(32768, gt=0, le=2**30, description="voxels per local-update call (larger on GPUs)")
+    voxel_chunk: int = Field(
+        0, ge=0, le=2**30, description="voxels per local-update call; 0 = auto (8192 on CPUs, 2^18 on GPUs)"
+    )
 
 
 class SurrogateParams(_Strict):

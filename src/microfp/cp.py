@@ -30,6 +30,11 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   cost (the fixed point contracts by only ~2 % per sweep). The material tangent passed to the
   equilibrium solver is the one at fixed resistances, ``(S + sum_a d dgamma_a / d tau_a  p_a p_a^T)^-1``
   (symmetric positive definite, so CG applies); the hardening contribution is left out of it.
+  The local Newton runs in each voxel's crystal frame, where every voxel shares the Schmid tensors and
+  the compliance (one phase), so the products with them are plain matrix products; the strain goes in
+  and the stress and tangent come out through the grain's orthogonal Mandel rotation ``Q``
+  (:func:`mandel_rotation`), and convergence is tested on the lab-frame residual as before (solver v4
+  computed the same update in the lab frame with per-voxel Schmid tensors; same results to round-off).
 * Equilibrium: Galerkin FFT (de Geus et al. 2017; Zeman et al. 2017): the unknown is the strain
   field, constrained to compatible fluctuations plus a mean; Newton iterations, each solving the
   linearised problem ``G(K : d eps) = -G(sigma)`` by conjugate gradients. ``G`` is the L2-orthogonal
@@ -78,6 +83,10 @@ __all__ = [
 ]
 
 SQ2 = math.sqrt(2.0)
+# voxels per call of the local update: on a CPU the temporaries of a few thousand voxels (~2 MB each)
+# stay in the caches, and the update is faster than in calls of 32768; a GPU wants large calls
+CPU_CHUNK = 8192
+GPU_CHUNK = 2**18
 _DEBUG = False
 VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
@@ -183,6 +192,22 @@ def grain_tensors(euler: np.ndarray, twinning: bool = True, p: MgParameters = MG
     return {"C": C, "S": 0.5 * (S + np.swapaxes(S, -1, -2)), "P": mandel_from_tensor2(P)}
 
 
+def mandel_rotation(euler: np.ndarray) -> np.ndarray:
+    """(G, 6, 6) orthogonal Mandel matrices ``Q`` of grains with Bunge angles ``euler`` (G, 3), rad: the lab
+    tensor of a symmetric crystal-frame tensor ``t`` is ``Q t`` (``damask.Rotation``'s ``(~rotation) @``,
+    as :func:`grain_tensors`), and a stiffness ``Q C Q^T``. Column I is the rotated Mandel basis tensor I.
+    """
+    import damask
+
+    euler = np.asarray(euler, dtype=np.float64).reshape(-1, 3)
+    inverse = ~damask.Rotation.from_Euler_angles(euler)
+    basis = np.zeros((6, 3, 3))
+    for I, (i, j) in enumerate(VOIGT_PAIRS):
+        basis[I, i, j] = basis[I, j, i] = 1.0 if i == j else 1.0 / SQ2
+    columns = [mandel_from_tensor2(np.asarray(inverse @ np.broadcast_to(b, (len(euler), 3, 3)))) for b in basis]
+    return np.stack(columns, axis=-1)
+
+
 def system_table(twinning: bool = True, p: MgParameters = MG) -> dict[str, np.ndarray]:
     """Per-system constants: ``xi_0``, ``xi_inf`` (Pa), ``twin`` (bool), ``gamma_char`` (twins), ``family``."""
     import damask
@@ -222,31 +247,48 @@ def system_table(twinning: bool = True, p: MgParameters = MG) -> dict[str, np.nd
 
 
 def _power(x: torch.Tensor, e: float) -> torch.Tensor:
-    """``x ** e`` for x >= 0; by repeated squaring when ``e`` is a small whole number (n = 20)."""
-    if float(e).is_integer() and 0 < e < 64:
-        k, out, base = int(e), None, x
-        while k:
-            if k & 1:
-                out = base if out is None else out * base
-            k >>= 1
-            if k:
-                base = base * base
-        return out
-    return x.pow(e)
+    """``x ** e`` for x >= 0 by multiplications and square roots where ``4 e`` is a whole number below 256
+    (n - 1 = 19 of the flow law, a - 1 = 1.25 of the hardening law), else ``x.pow(e)``: a fractional pow
+    costs several times a multiplication, and the flow and hardening laws raise every system of every
+    voxel to a power in every residual evaluation. The same values as ``pow`` to a few ulp."""
+    quarters = 4.0 * float(e)
+    if not (quarters.is_integer() and 0 < quarters < 256):
+        return x.pow(e)
+    k, frac = divmod(int(quarters), 4)
+    out = None
+    if frac:
+        root = x.sqrt()
+        out = root if frac == 2 else root.sqrt() if frac == 1 else root * root.sqrt()
+    base = x
+    while k:
+        if k & 1:
+            out = base if out is None else out * base
+        k >>= 1
+        if k:
+            base = base * base
+    return out
 
 
-def _flow(tau: torch.Tensor, xi: torch.Tensor, tf: torch.Tensor, twin: torch.Tensor, rate: float, n: float):
-    """phenopowerlaw shear increments ``dgamma = rate |tau / xi|^n sign(tau)`` (m, N_s), twins only for
-    tau > 0 and scaled by the untwinned fraction ``tf`` (m, 1); with d/d tau and d/d xi.
-
-    ``rate`` = dt * dot_gamma_0.
+def _flow(tau: torch.Tensor, xi: torch.Tensor, tf: torch.Tensor, n_slip: int, rate: float, n: float):
+    """phenopowerlaw shear increments ``dgamma = rate |tau / xi|^n sign(tau)`` (m, N_s) and their derivatives
+    d/d tau and d/d xi (1/Pa). Systems ``n_slip:`` are twins: only for tau > 0, and scaled by the untwinned
+    fraction ``tf`` (m, 1). ``rate`` = dt * dot_gamma_0 (dimensionless), ``tau``, ``xi`` in Pa.
     """
     ratio = (tau / xi).clamp(-1e3, 1e3)
     powm1 = _power(ratio.abs(), n - 1.0)
-    factor = torch.where(twin, (ratio > 0).to(tau.dtype) * tf, 1.0)
-    dg = rate * powm1 * ratio * factor
-    dgd = (rate * n) * powm1 * factor / xi
+    dg = rate * powm1 * ratio
+    dgd = (rate * n) * powm1
+    if n_slip < tau.shape[1]:
+        factor = (ratio[:, n_slip:] > 0).to(tau.dtype) * tf
+        dg[:, n_slip:] *= factor
+        dgd[:, n_slip:] *= factor
+    dgd = dgd / xi
     return dg, dgd, -n * dg / xi
+
+
+def _rotate(v: torch.Tensor, Q: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``Q v`` (or ``Q^T v``) per row: Mandel vectors ``v`` (m, 6) by the matrices ``Q`` (m, 6, 6)."""
+    return torch.bmm(Q.transpose(1, 2) if inverse else Q, v.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass
@@ -280,7 +322,7 @@ class Material:
         p: MgParameters = MG,
         local_tol: float | None = None,
         max_local: int = 60,
-        chunk: int = 32768,
+        chunk: int = 0,
     ) -> None:
         self.p, self.elastic, self.twinning = p, elastic, twinning and not elastic
         self.dtype, self.device = dtype, torch.device(device)
@@ -290,6 +332,13 @@ class Material:
         self.C = torch.as_tensor(tens["C"], **kw)
         self.S = torch.as_tensor(tens["S"], **kw)
         self.P = torch.as_tensor(tens["P"], **kw)  # (G, N_s, 6)
+        # the local update works in the crystal frame, where every voxel has the same Schmid tensors and
+        # compliance (single phase): products with them are plain matrix products, not per-voxel ones
+        crystal = grain_tensors(np.zeros((1, 3)), twinning=self.twinning, p=p)
+        self.Q = torch.as_tensor(mandel_rotation(np.concatenate(eulers)), **kw)  # (G, 6, 6) crystal -> lab
+        self.S0 = torch.as_tensor(crystal["S"][0], **kw)  # (6, 6) 1/Pa, symmetric
+        self.P0 = torch.as_tensor(crystal["P"][0], **kw)  # (N_s, 6)
+        self.PP0 = torch.einsum("ai,aj->aij", self.P0, self.P0).reshape(-1, 36)  # (N_s, 36): p_a p_a^T
         table = system_table(self.twinning, p)
         self.xi_0 = torch.as_tensor(table["xi_0"], **kw)
         self.xi_inf = torch.as_tensor(np.where(np.isinf(table["xi_inf"]), 1.0, table["xi_inf"]), **kw)
@@ -298,14 +347,22 @@ class Material:
         self.gamma_char = torch.as_tensor(table["gamma_char"][table["twin"]], **kw)
         self.n_systems = int(self.P.shape[1])
         self.n_twin = int(self.twin.sum())
+        self.n_slip = self.n_systems - self.n_twin
+        assert not self.twin[: self.n_slip].any(), "slip systems first, then twins"
+        # the slip systems of a family start at one xi_0, saturate at one xi_inf and harden by the same
+        # Gamma (all interaction coefficients 1), so their resistances stay equal: the hardening law is
+        # solved once per family (first system ``slip_first``) and copied to the family (``slip_family``)
+        family = table["family"][: self.n_slip]
+        first = np.unique(family, return_index=True)[1]
+        self.slip_first = torch.as_tensor(first, device=self.device)
+        self.slip_family = torch.as_tensor(np.searchsorted(family[first], family), device=self.device)
         # local Newton: |residual|_inf (strain) < local_tol + local_rtol |eps - eps_p^n|_inf. float32
         # round-off of the sums over 30 systems stagnates near 1e-6 relative, and a tighter tolerance
         # made voxels fail and increments cut back; at 1e-5 the curves match float64 to ~3e-7 (tests)
         self.local_tol = local_tol if local_tol is not None else (1e-10 if dtype == torch.float64 else 1e-12)
         self.local_rtol = 0.0 if dtype == torch.float64 else 1e-5
         self.max_local = max_local
-        self.chunk = chunk
-        self.twin_slope = torch.where(self.twin, p.h_0_tw_tw, 0.0).to(dtype)  # d xi / d Gamma_tw
+        self.chunk = chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
 
     # -- setup -----------------------------------------------------------------------------------
     def voxel_grains(self, grain_ids: np.ndarray) -> torch.Tensor:
@@ -323,11 +380,11 @@ class Material:
             gamma_sl=torch.zeros(B, V, 1, **kw),
         )
 
-    # -- kinetics --------------------------------------------------------------------------------
+    # -- kinetics (crystal frame) ----------------------------------------------------------------
     def _flow(self, tau: torch.Tensor, xi: torch.Tensor, hist: torch.Tensor, dt: float):
         """Shear increments ``dgamma`` (m, N_s) at resolved stresses ``tau`` and resistances ``xi``, and
         their derivatives with respect to tau and xi (the untwinned fraction ``hist[:, :1]`` held fixed)."""
-        return _flow(tau, xi, hist[:, :1], self.twin, dt * self.p.dot_gamma_0, self.p.n)
+        return _flow(tau, xi, hist[:, :1], self.n_slip, dt * self.p.dot_gamma_0, self.p.n)
 
     def _resistances(self, xi_n: torch.Tensor, shears: torch.Tensor, slip_n: torch.Tensor):
         """Backward-Euler resistances after the accumulated shears of the increment, and d xi / d Gamma.
@@ -338,16 +395,17 @@ class Material:
         harden as DAMASK v3.0.2 (phenopowerlaw_dotState, c_3 = 1, c_4 = 0): ``dot xi_tw = h_0^tw-sl
         gamma_sl sum_slip |dot gamma| + h_0^tw-tw sum_twin dot gamma``, with ``gamma_sl`` the slip
         accumulated so far (state), i.e. backward Euler ``xi = xi_n + h_0^tw-sl (gamma_sl,n + Gamma) Gamma
-        + h_0^tw-tw Gamma_tw``; ``slip_n`` (m, 1) is gamma_sl,n. Returns ``(xi, u)`` (m, N_s),
+        + h_0^tw-tw Gamma_tw``; ``slip_n`` (m, 1) is gamma_sl,n. Returns ``(xi, u)`` (m, N_s), Pa,
         ``u = d xi / d Gamma`` (implicit function theorem on slip, h_0^tw-sl (gamma_sl,n + 2 Gamma) on twins).
+        ``xi_n`` must be equal within each slip family (it is: :meth:`initial_state`, and this law keeps it).
         """
-        p = self.p
+        p, ns = self.p, self.n_slip
         G = shears[:, :1]
-        xs_n, xs_inf = xi_n[:, self.slip], self.xi_inf[self.slip]
+        xs_n, xs_inf = xi_n.index_select(1, self.slip_first), self.xi_inf[self.slip_first]  # (m, families)
         x = xs_n
         for it in range(3):
             sat = 1.0 - x / xs_inf
-            powm1 = sat.abs().pow(p.a_sl - 1.0)
+            powm1 = _power(sat.abs(), p.a_sl - 1.0)
             H = p.h_0_sl_sl * powm1 * sat
             dH = -p.h_0_sl_sl * p.a_sl * powm1 / xs_inf
             if it == 2:
@@ -355,90 +413,99 @@ class Material:
             x = x - (x - xs_n - H * G) / (1.0 - dH * G)
         xi = torch.empty_like(xi_n)
         u = torch.empty_like(xi_n)
-        xi[:, self.slip] = x
-        u[:, self.slip] = H / (1.0 - dH * G)
+        xi[:, :ns] = x.index_select(1, self.slip_family)
+        u[:, :ns] = (H / (1.0 - dH * G)).index_select(1, self.slip_family)
         if self.n_twin:
-            xi[:, self.twin] = xi_n[:, self.twin] + p.h_0_tw_sl * (slip_n + G) * G + p.h_0_tw_tw * shears[:, 1:2]
-            u[:, self.twin] = (p.h_0_tw_sl * (slip_n + 2.0 * G)).expand(-1, self.n_twin)
+            xi[:, ns:] = xi_n[:, ns:] + p.h_0_tw_sl * (slip_n + G) * G + p.h_0_tw_tw * shears[:, 1:2]
+            u[:, ns:] = p.h_0_tw_sl * (slip_n + 2.0 * G)
         return xi, u
 
-    def _residual(self, y, Pg, Sg, target, xi_n, hist, dt):
-        """Residual of the local backward-Euler equations for ``y = (sigma, Gamma[, Gamma_tw])`` (m, 6 + k).
+    def _residual(self, y: torch.Tensor, target: torch.Tensor, xi_n: torch.Tensor, hist: torch.Tensor, dt: float):
+        """Residual of the local backward-Euler equations for ``y = (sigma, Gamma[, Gamma_tw])`` (m, 6 + k),
+        sigma in Pa in the crystal frame, like ``target`` (m, 6), the strain ``eps - eps_p^n``.
 
-        ``S sigma + sum_a dgamma_a p_a - target`` (strain), ``Gamma - sum_slip |dgamma_a|`` and
+        ``S0 sigma + sum_a dgamma_a p0_a - target`` (strain), ``Gamma - sum_slip |dgamma_a|`` and
         ``Gamma_tw - sum_twin dgamma_a`` (shears), with the resistances of :meth:`_resistances`.
         Returns ``(r, dgamma, d dgamma / d tau, d dgamma / d xi, xi, d xi / d Gamma)``.
         """
+        ns = self.n_slip
         sig = y[:, :6]
         xi, u = self._resistances(xi_n, y[:, 6:], hist[:, 1:2])
-        tau = torch.bmm(Pg, sig.unsqueeze(-1)).squeeze(-1)
-        dg, dgd, dgx = self._flow(tau, xi, hist, dt)
-        r_sig = torch.bmm(Sg, sig.unsqueeze(-1)).squeeze(-1) + torch.bmm(dg.unsqueeze(1), Pg).squeeze(1) - target
-        parts = [r_sig, y[:, 6:7] - dg[:, self.slip].abs().sum(-1, keepdim=True)]
+        dg, dgd, dgx = self._flow(sig @ self.P0.T, xi, hist, dt)
+        r = torch.empty_like(y)
+        r[:, :6] = sig @ self.S0 + dg @ self.P0 - target
+        r[:, 6:7] = y[:, 6:7] - dg[:, :ns].abs().sum(-1, keepdim=True)
         if self.n_twin:
-            parts.append(y[:, 7:8] - dg[:, self.twin].sum(-1, keepdim=True))
-        return torch.cat(parts, dim=1), dg, dgd, dgx, xi, u
+            r[:, 7:8] = y[:, 7:8] - dg[:, ns:].sum(-1, keepdim=True)
+        return r, dg, dgd, dgx, xi, u
 
-    def _jacobian(self, Sg, Pg, u, dg, dgd, dgx):
+    def _jacobian(self, u: torch.Tensor, dg: torch.Tensor, dgd: torch.Tensor, dgx: torch.Tensor) -> torch.Tensor:
         """(m, 6 + k, 6 + k) derivative of :meth:`_residual`; its (6, 6) block is the one at fixed resistances.
 
-        With C (m, k, N_s) the weights of d r_sigma / d shears (``dgx u``, ``dgx h_tw-tw``) and R (m, k, N_s)
-        those of the shear sums (sign(dgamma) on slip, 1 on twins): ``[[S + P^T dgd P, P^T C^T],
-        [-R dgd P, 1 - R C^T]]``; one batched product for the coupling blocks.
+        ``[[S0 + sum_a dgd_a p_a p_a^T, sum_a c_ja p_a], [-sum_a r_ia dgd_a p_a^T, 1 - sum_a r_ia c_ja]]``
+        with ``c_0 = dgx u`` and ``c_1 = dgx h_0^tw-tw`` (twins only) the weights of d r_sigma / d shears,
+        and ``r_0 = sign(dgamma)`` (slip only), ``r_1 = 1`` (twins only) those of the shear sums.
         """
+        m, ns, P0 = dg.shape[0], self.n_slip, self.P0
         k = 1 + (self.n_twin > 0)
-        C = [dgx * u]
-        R = [torch.sign(dg) * self.slip]
+        J = dg.new_empty(m, 6 + k, 6 + k)
+        c0 = dgx * u
+        r0 = torch.sign(dg[:, :ns])
+        J[:, :6, :6] = self.S0 + (dgd @ self.PP0).view(m, 6, 6)
+        J[:, :6, 6] = c0 @ P0
+        J[:, 6, :6] = -((r0 * dgd[:, :ns]) @ P0[:ns])
+        J[:, 6, 6] = 1.0 - (r0 * c0[:, :ns]).sum(-1)
         if k == 2:
-            C.append(dgx * self.twin_slope)
-            R.append(self.twin.to(dg.dtype).expand_as(dg))
-        C, R = torch.stack(C, 1), torch.stack(R, 1)
-        coupling = torch.bmm(torch.cat([C, R * dgd.unsqueeze(1)], 1), Pg)  # (m, 2k, 6)
-        eye = torch.eye(k, dtype=dg.dtype, device=dg.device)
-        top = torch.cat([Sg + torch.bmm(Pg.transpose(1, 2) * dgd.unsqueeze(1), Pg), coupling[:, :k].transpose(1, 2)], 2)
-        bottom = torch.cat([-coupling[:, k:], eye - torch.bmm(R, C.transpose(1, 2))], 2)
-        return torch.cat([top, bottom], 1)
+            c1 = dgx[:, ns:] * self.p.h_0_tw_tw
+            J[:, :6, 7] = c1 @ P0[ns:]
+            J[:, 7, :6] = -(dgd[:, ns:] @ P0[ns:])
+            J[:, 6, 7] = 0.0
+            J[:, 7, 6] = -c0[:, ns:].sum(-1)
+            J[:, 7, 7] = 1.0 - c1.sum(-1)
+        return J
 
     # -- the update ------------------------------------------------------------------------------
     def _local(self, g, target, xi_n, hist, sig, shears, dt):
         """Newton (with line search) for the stress and the accumulated shears of voxels ``g`` (m,).
 
         Fully implicit: the resistances follow the shears inside the iterations (:meth:`_resistances`).
-        ``sig`` (m, 6) and ``shears`` (m, k) are the first guess. Returns ``(sig, dgamma, d eps_p, xi, shears,
-        K, converged, iterations)``; ``K`` (m, 6, 6) is the tangent at fixed
+        ``target`` (m, 6) is ``eps - eps_p^n``; ``sig`` (m, 6) and ``shears`` (m, k) are the first guess.
+        The iterations run in each voxel's crystal frame (``Q^T`` of its grain rotates lab tensors into it);
+        convergence is tested on the lab-frame residual, ``|r|_inf < tol``. Returns lab-frame ``(sig,
+        dgamma, d eps_p, xi, shears, K, converged, iterations)``; ``K`` (m, 6, 6) is the tangent at fixed
         resistances, ``(S + sum_a d dgamma_a / d tau_a p_a p_a^T)^-1``, symmetric positive definite.
         """
         m = g.shape[0]
-        Pg, Sg = self.P[g], self.S[g]
-        P_all = Pg  # Pg shrinks to the unconverged voxels below
-        y = torch.cat([sig, shears], dim=1)
+        Q = self.Q[g]  # (m, 6, 6): lab = Q crystal
+        Qa = Q  # Qa shrinks to the unconverged voxels below
+        y = torch.cat([_rotate(sig, Q, inverse=True), shears], dim=1)
         out = {"y": y.clone(), "dg": torch.zeros_like(xi_n), "xi": xi_n.clone(),
                "K": torch.empty(m, 6, 6, dtype=self.dtype, device=self.device)}
         converged = torch.zeros(m, dtype=torch.bool, device=self.device)
         active = torch.arange(m, device=self.device)
-        tgt, xin, tfa = target, xi_n, hist
+        tgt, xin, tfa = _rotate(target, Q, inverse=True), xi_n, hist
         tol = self.local_tol + self.local_rtol * target.abs().amax(-1)
-        r, dg, dgd, dgx, xi, u = self._residual(y, Pg, Sg, tgt, xin, tfa, dt)
+        r, dg, dgd, dgx, xi, u = self._residual(y, tgt, xin, tfa, dt)
         iterations = 0
         for it in range(self.max_local + 1):
             iterations = it
-            done = r.abs().amax(-1) < tol
-            J = self._jacobian(Sg, Pg, u, dg, dgd, dgx)
+            done = torch.maximum(_rotate(r[:, :6], Qa).abs().amax(-1), r[:, 6:].abs().amax(-1)) < tol
+            J = self._jacobian(u, dg, dgd, dgx)
             if done.any():
-                idx = active[done]
-                out["y"][idx], out["dg"][idx], out["xi"][idx] = y[done], dg[done], xi[done]
-                out["K"][idx] = torch.linalg.inv(J[done, :6, :6])
+                d = done.nonzero().squeeze(-1)
+                idx = active[d]
+                out["y"][idx], out["dg"][idx], out["xi"][idx] = y[d], dg[d], xi[d]
+                out["K"][idx] = torch.linalg.inv(J[d, :6, :6])
                 converged[idx] = True
             if done.all() or it == self.max_local:
                 break
-            keep = ~done
-            active, y, r, J, tol = active[keep], y[keep], r[keep], J[keep], tol[keep]
-            Pg, Sg, tgt, xin, tfa = Pg[keep], Sg[keep], tgt[keep], xin[keep], tfa[keep]
+            keep = (~done).nonzero().squeeze(-1)  # indices: one nonzero for all the copies below
+            active, y, r, J, tol, Qa, tgt, xin, tfa = (x[keep] for x in (active, y, r, J, tol, Qa, tgt, xin, tfa))
             dy = -torch.linalg.solve(J, r.unsqueeze(-1)).squeeze(-1)
             # backtracking line search on |r|^2 (the power law with n = 20 overshoots easily)
             f0 = (r * r).sum(-1)
             new = y + dy
-            r, dg, dgd, dgx, xi, u = self._residual(new, Pg, Sg, tgt, xin, tfa, dt)
+            r, dg, dgd, dgx, xi, u = self._residual(new, tgt, xin, tfa, dt)
             alpha = torch.ones_like(f0)
             pending = torch.arange(new.shape[0], device=self.device)
             f_new = (r * r).sum(-1)
@@ -449,17 +516,20 @@ class Material:
                     break
                 alpha[pending] *= 0.5
                 new[pending] = y[pending] + alpha[pending, None] * dy[pending]
-                parts = self._residual(new[pending], Pg[pending], Sg[pending], tgt[pending], xin[pending], tfa[pending], dt)
+                parts = self._residual(new[pending], tgt[pending], xin[pending], tfa[pending], dt)
                 for full, part in zip((r, dg, dgd, dgx, xi, u), parts):
                     full[pending] = part
                 f_new = (parts[0] * parts[0]).sum(-1)
             y = new
         if not bool(converged.all()):
-            bad = ~converged
             out["y"][active] = y
-            out["K"][bad] = self.C[g[bad]]
-        deps_p = torch.bmm(out["dg"].unsqueeze(1), P_all).squeeze(1)
-        return out["y"][:, :6], out["dg"], deps_p, out["xi"], out["y"][:, 6:], out["K"], converged, iterations
+        sig = _rotate(out["y"][:, :6], Q)
+        deps_p = _rotate(out["dg"] @ self.P0, Q)
+        K = Q @ out["K"] @ Q.transpose(1, 2)
+        if not bool(converged.all()):
+            bad = ~converged
+            K[bad] = self.C[g[bad]]
+        return sig, out["dg"], deps_p, out["xi"], out["y"][:, 6:], K, converged, iterations
 
     def update(self, gid: torch.Tensor, eps: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
                shears_guess: torch.Tensor, dt: float):
@@ -500,7 +570,7 @@ class Material:
         eps_p = state_n.eps_p.reshape(M, 6) + deps_p
         gamma_tw = state_n.gamma_tw
         if self.n_twin:
-            gamma_tw = gamma_tw + dg[:, self.twin].reshape(B, V, -1)
+            gamma_tw = gamma_tw + dg[:, self.n_slip :].reshape(B, V, -1)
         gamma_sl = state_n.gamma_sl + shears[:, :1].reshape(B, V, 1)
         new_state = State(eps_p.reshape(B, V, 6), xi.reshape(B, V, -1), gamma_tw, gamma_sl)
         K = 0.5 * (K + K.transpose(-1, -2))
@@ -619,7 +689,7 @@ class SolverSettings:
     elastic: bool = False
     dtype: str = "float64"
     device: str = "cpu"
-    voxel_chunk: int = 32768  # voxels per local-update call (memory; larger on GPUs)
+    voxel_chunk: int = 0  # voxels per local-update call; 0: CPU_CHUNK on CPUs, GPU_CHUNK on GPUs
     nyquist: str = "reduced"  # even grids: "reduced" (DAMASK's) or "drop" (solver v3); see Projection
     stress_measure: str = "cauchy"  # reported sigma_xx: "cauchy" (first order in eps_e, as DAMASK's) or "small"
 
