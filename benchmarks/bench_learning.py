@@ -242,12 +242,18 @@ def report(args: argparse.Namespace) -> None:
     best = min(finals, key=lambda n: (finals[n]["val_dis"], finals[n]["val_phi4"]))
     learned = [r for r in rows if r["val_dis"] < mf["val_dis"] - 0.5]
     fit: dict[str, Any] = {"learned_points": len(learned)}
-    if len(learned) >= 3:
+    span = max(r["ves_seen"] for r in learned) / max(min(r["ves_seen"] for r in learned), 1) if learned else 0.0
+    fit["ves_seen_span"] = span
+    if len(learned) >= 3 and span >= 10:
         x = np.array([r["ves_seen"] for r in learned], float)
         y = np.array([r["val_phi4"] for r in learned], float)
         a, b = power_fit(x, y, 0.0)
         fit.update(model="val_phi4 = a * ves_seen^-b", a=a, b=b,
                    ves_seen_for_paper_phi4=(PAPER_PHI4 / a) ** (-1 / b) if b > 0 else None)
+    elif learned:
+        fit["model"] = (f"none: {len(learned)} points learned, but they span only {span:.1f}x in VEs seen (a power law "
+                        "needs >= 10x); the recipe starts at its linear path's PCA optimum, so the first epochs "
+                        "move phi4 little")
     else:
         fit["model"] = ("none: no run brought the val disorientation below that of the val mean field (no "
                         "learning measured), so no exponent can be fitted; the onset of learning on random-"

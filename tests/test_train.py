@@ -264,13 +264,17 @@ def textured_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_a_tiny_model_beats_the_mean_field_of_its_set(textured_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", [
+    dict(epochs=30, representation="quaternion", lr=0.01),
+    dict(epochs=2, representation="harmonics", linear_grid=4, lr=1e-3),  # the default profile's recipe
+], ids=["quaternion", "harmonics-linear-path"])
+def test_a_tiny_model_beats_the_mean_field_of_its_set(textured_dir: Path, tmp_path: Path, recipe: dict) -> None:
     # learning happens: after a short training, reconstructions of the training VEs are closer to their
     # inputs (the project's own disorientation) than the set's mean field: the decoder uses the latent
     from microfp.evaluate import mean_field, reconstruction_metrics
 
-    run(make_params(epochs=30, representation="quaternion", lr=0.01, threads=2, lr_schedule="cosine", hidden_dim=64,
-                    base_channels=8, bottleneck_channels=8, beta=0.0), textured_dir, tmp_path)
+    run(make_params(threads=2, lr_schedule="cosine", hidden_dim=64, base_channels=8, bottleneck_channels=8, beta=0.0,
+                    **recipe), textured_dir, tmp_path)
     vae = load_vae(tmp_path / "models/vae/best.ckpt")
     ds = ShardDataset(textured_dir / "train", N)
     x = torch.stack([ds[i] for i in range(len(ds))])
