@@ -152,7 +152,9 @@ class NearestOrientation:
             moved = [self._harmonics(quaternion_multiply(fit, _exp(sign * eps * axis).expand_as(fit))) for sign in (1, -1)]
             d_plus, d_minus = (torch.linalg.lstsq(fit_h, m).solution for m in moved)  # H(q r) = H(q) D^T, exact
             generators.append((d_plus - d_minus) / (2 * eps))
-        self.generators = torch.cat(generators, dim=1).float()  # (C, 3 C): H @ it = [dH / dv_a]
+        # (C, 3 C): H @ it = [dH / dv_a]. Rounded to 1e-9: LAPACK's least squares differs in the last bits
+        # from run to run (memory alignment), and the decoded fields must not (bit-reproducible outputs).
+        self.generators = (torch.cat(generators, dim=1) * 1e9).round().div(1e9).float()
 
     def _harmonics(self, q: torch.Tensor) -> torch.Tensor:
         return harmonics(q, self.family) @ self.w.to(q.dtype).T

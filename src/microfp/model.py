@@ -26,8 +26,15 @@ layers (~606M parameters at 64^3, ~2.4 GB of fp32 weights). Here a 1x1x1 convolu
 channels to ``bottleneck_channels`` (32: 2048 features at 64^3), which keeps the hidden layer of 8192 the
 paper specifies while cutting its dense layers ~16x. :func:`param_count` reports the parts.
 
-The loss (:func:`vae_loss`) is ``alpha * BCE + (1 - alpha) * FFT + beta * KL``; see its docstring for the
-reductions.
+Linear path (``linear_grid`` > 0, issue 11; off in the paper's architecture): the input's block means
+on a ``g^3`` grid, ``(B, C g^3)``, go through one linear layer into ``mu`` (added to the ResNet's), and
+``z`` through one linear layer to a ``(B, C, g, g, g)`` block field, trilinearly interpolated to ``n`` and
+added to the decoder's output. :meth:`VAE.init_linear_path` sets it to the principal components of
+the training block means before training, with the ResNet's ``mu`` head and last convolution at zero.
+
+The loss (:func:`vae_loss`) is ``alpha * BCE + (1 - alpha) * FFT + beta * KL`` for Euler fields, the
+symmetry-reduced misorientation for quaternions, the MSE of the whitened harmonics for ``harmonics``
+(:mod:`microfp.harmonics`); see its docstring for the reductions.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ class VAEConfig:
     representation: str = "euler"  # "euler": 3 normalised angles (paper); "quaternion": 4 channels, FZ;
     # "harmonics": the whitened symmetry-invariant harmonics (microfp.harmonics), 9 cubic / 18 hexagonal
     crystal: str = "cubic"  # symmetry of the quaternion / harmonics representation and its loss
-    linear_grid: int = 0  # > 0: the linear path, block means on a linear_grid^3 grid (see LinearPath); 0: off (paper)
+    linear_grid: int = 0  # > 0: the linear path on a linear_grid^3 grid of block means (module docstring); 0: off (paper)
 
     def __post_init__(self) -> None:
         if self.representation not in REPRESENTATIONS:
@@ -185,7 +192,7 @@ class Encoder(nn.Module):
         nn.init.constant_(self.logvar.bias, LOGVAR_INIT)
         self.grid = cfg.linear_grid
         self.linear = nn.Linear(cfg.channels * self.grid**3, cfg.latent_dim) if self.grid else None
-        if self.grid:  # the ResNet path starts silent: mu = the linear path's (see LinearPath in VAE)
+        if self.grid:  # the ResNet path starts silent: mu = the linear path's (VAE.init_linear_path)
             nn.init.zeros_(self.mu.weight), nn.init.zeros_(self.mu.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -364,6 +371,8 @@ def dense_param_formula(cfg: VAEConfig) -> int:
 #          64^3 / n^3, i.e. it is 64^3 * MSE at every ve_size: the paper's term at 64^3 (hence its
 #          alpha = 0.999), the same per-voxel weight at 32^3 (unscaled it would weigh 8x less there).
 #          The reference code's fftshift is a permutation of the modes and does not change this MSE.
+#   mse  : (harmonics representation) mean over voxels and channels of the squared difference of the
+#          whitened harmonics (unit variance per channel over random orientations): per voxel.
 #   mis  : (quaternion representation) mean over voxels of 1 - cos(omega / 2), omega the disorientation
 #          reduced by the crystal symmetry (cubic 432 / hexagonal 622): the symmetry-aware phi4.
 #   kl   : KL(N(mu, sigma^2) || N(0, I)) summed over the latent dimensions (the textbook per-sample
@@ -415,7 +424,8 @@ def vae_loss(
 ) -> dict[str, Tensor]:
     """All terms of a batch: ``loss`` = ``recon`` + beta * ``kl``, with ``recon`` = alpha * ``bce`` +
     (1 - alpha) * ``fft`` (eq. 4, Euler fields (B, 3, n, n, n) in [0, 1]) or ``recon`` = ``mis``
-    (quaternion fields (B, 4, n, n, n); ``x`` unit, ``x_hat`` raw). ``mu``, ``logvar`` (B, latent).
+    (quaternion fields (B, 4, n, n, n); ``x`` unit, ``x_hat`` raw) or ``recon`` = ``mse`` (whitened
+    harmonics (B, C, n, n, n)). ``mu``, ``logvar`` (B, latent).
     Autocast is switched off here: the terms are computed in float32."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         if representation == "euler":
