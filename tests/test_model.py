@@ -327,3 +327,13 @@ def test_a_few_steps_fit_one_batch() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_a_linear_grid_that_does_not_divide_ve_size_is_a_one_line_error(default_raw: dict) -> None:
+    from microfp.config import parse_params
+    from microfp.errors import MicrofpError
+    from microfp.model import model_config
+
+    default_raw["train"]["linear_grid"] = 5
+    with pytest.raises(MicrofpError, match="linear_grid must be 0 or divide ve_size"):
+        model_config(parse_params(default_raw, "params.yaml"))
