@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,16 +64,48 @@ def committed_lock(project: Path) -> dict:
     return yaml.safe_load(run_tool("git", "show", "HEAD:dvc.lock", cwd=project).stdout)
 
 
+class Build(threading.Thread):
+    """:func:`build_project` in a thread (the work is in `dvc repro`'s subprocesses), so the two tiny
+    pipelines of the reproducibility test are built side by side on the two cores."""
+
+    def __init__(self, where: Path, env: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.where, self.env = where, env
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            build_project(self.where, self.env)
+        except BaseException as err:  # re-raised by result()
+            self.error = err
+
+    def result(self) -> Path:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.where
+
+
+# One torch thread per stage process: the two builds share the cores without oversubscribing them
+# (bits do not depend on it: both builds use the same setting, and training fixes its own threads).
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """The tiny project after `dvc repro`, committed, with its own MLflow store."""
+    """The tiny project after `dvc repro`, committed, with its own MLflow store; and a second build of
+    the same commit in another directory with another store (started alongside, joined by the test
+    that compares them)."""
     base = tmp_path_factory.mktemp("experiments")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
-    return build_project(base / "project", env), env, base
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}", **SINGLE_THREAD}
+    second = Build(base / "second", {"MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow2.db'}", **SINGLE_THREAD})
+    second.start()
+    first = build_project(base / "project", env)
+    return first, env, base, second
 
 
 def test_repro_builds_every_output(project):
-    root, _, _ = project
+    root = project[0]
     for path in ("models/vae/best.ckpt", "models/vae_hcp/best.ckpt", "models/surrogate.ckpt",
                  "data/fingerprints/train.parquet", "data/fingerprints_2pt/cube.parquet",
                  "data/fingerprints_hcp/hcp.parquet", "data/curves/hcp.parquet", "plots/latent/interpolation.png"):
@@ -83,11 +116,10 @@ def test_repro_builds_every_output(project):
     assert "Data and pipelines are up to date" in run_tool("dvc", "status", cwd=root).stdout
 
 
-def test_repro_in_another_directory_reproduces_every_output_to_the_bit(project, tmp_path):
+def test_repro_in_another_directory_reproduces_every_output_to_the_bit(project):
     """Same commit, same machine: `dvc repro` elsewhere gives a dvc.lock identical to the first one
     (every dataset, checkpoint, fingerprint table, curve, metric, plot and report.md)."""
-    root, _, base = project
-    second = build_project(tmp_path / "second", {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    root, second = project[0], project[3].result()
     first_lock, second_lock = committed_lock(root), committed_lock(second)
     assert set(first_lock["stages"]) == set(second_lock["stages"]) >= {"train", "simulate@hcp", "surrogate", "report"}
     differ = [
@@ -101,7 +133,7 @@ def test_repro_in_another_directory_reproduces_every_output_to_the_bit(project, 
 
 
 def test_experiment_metrics_diff_plots_and_mlflow(project, browser, tmp_path):  # noqa: F811 - fixture
-    root, env, _ = project
+    root, env = project[0], project[1]
     run_tool("dvc", "exp", "run", "-n", "latent12", "-S", "latent_dim=12", cwd=root, env=env, timeout=900)
 
     # `dvc metrics diff` compares phi4 and the surrogate's errors of the baseline and the experiment
@@ -148,7 +180,7 @@ def test_experiment_metrics_diff_plots_and_mlflow(project, browser, tmp_path):  
 
 
 def test_fresh_clone_pulls_models_and_predicts_without_training(project, tmp_path):
-    root, _, _ = project
+    root = project[0]
     remote = tmp_path / "remote"
     run_tool("dvc", "remote", "add", "--local", "-d", "store", str(remote), cwd=root)
     run_tool("dvc", "push", "--all-commits", cwd=root)  # the committed outputs, whatever the workspace holds

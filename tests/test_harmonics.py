@@ -71,3 +71,35 @@ def test_nearest_orientation_inverts_the_harmonics(family: str) -> None:
     to_heavy = np.degrees(a.disorientation(c).as_axis_angle()[..., 3])
     to_light = np.degrees(d.disorientation(c).as_axis_angle()[..., 3])
     assert np.mean(to_heavy < to_light) > 0.9
+
+
+def test_least_squares_matches_lapack() -> None:
+    from microfp.harmonics import _least_squares
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 18)), rng.normal(size=(64, 18))
+    np.testing.assert_allclose(_least_squares(a, b), np.linalg.lstsq(a, b, rcond=None)[0], atol=1e-12)
+
+
+DECODER_DIGEST = """
+import hashlib
+from microfp.harmonics import nearest_orientation
+d = [nearest_orientation(f) for f in ("cubic", "hexagonal")]
+print(hashlib.md5(b"".join(t.numpy().tobytes() for n in d for t in (n.generators, n.table_h))).hexdigest())
+"""
+
+
+def test_decoder_tables_are_bit_identical_in_every_process() -> None:
+    """The decoder's tables must not depend on the process (LAPACK's least squares did: 2 of 8
+    processes gave other last bits, and with them other decoded VEs); environments of different sizes
+    move the processes' memory layout."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {
+        subprocess.run([sys.executable, "-c", DECODER_DIGEST], env={**os.environ, "PAD": "x" * (7 * i)},
+                       capture_output=True, text=True, check=True).stdout.strip()
+        for i in range(4)
+    }
+    assert len(digests) == 1, digests

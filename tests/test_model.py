@@ -330,10 +330,10 @@ def test_a_few_steps_fit_one_batch() -> None:
 
 
 def test_a_linear_grid_that_does_not_divide_ve_size_is_a_one_line_error(default_raw: dict) -> None:
+    """Rejected by the parameter schema, so every stage (not only those that build a model) stops."""
     from microfp.config import parse_params
     from microfp.errors import MicrofpError
-    from microfp.model import model_config
 
     default_raw["train"]["linear_grid"] = 5
-    with pytest.raises(MicrofpError, match="linear_grid must be 0 or divide ve_size"):
-        model_config(parse_params(default_raw, "params.yaml"))
+    with pytest.raises(MicrofpError, match=r"^params.yaml: train.linear_grid: must be 0 or divide ve_size \(32\), got 5$"):
+        parse_params(default_raw, "params.yaml")

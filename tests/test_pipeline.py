@@ -43,7 +43,7 @@ def lock_hashes(project: Path) -> dict[str, str]:
     }
 
 
-def test_repro_is_complete_clean_idempotent_and_reproducible(tmp_path):
+def test_repro_is_complete_clean_and_idempotent(tmp_path):
     first = make_project(tmp_path / "first")
     sh("dvc", "repro", cwd=first)
     for name in SETS:
@@ -57,12 +57,9 @@ def test_repro_is_complete_clean_idempotent_and_reproducible(tmp_path):
     # outputs are DVC's, not git's
     status = sh("git", "status", "--porcelain", "--ignored", cwd=first).stdout
     assert "!! data/ves/train/" in status and "!! metrics/datasets.json" in status
-
-    # The same seed on another checkout gives the same bytes (same md5s in dvc.lock).
-    second = make_project(tmp_path / "second")
-    sh("dvc", "repro", cwd=second)
-    assert lock_hashes(first) == lock_hashes(second)
     assert any(key.endswith("data/ves/train") for key in lock_hashes(first))
+    # The same seed on another checkout gives the same bytes: the whole pipeline's outputs are compared
+    # in tests/test_experiments.py (test_repro_in_another_directory_reproduces_every_output_to_the_bit).
 
 
 def test_experiment_with_a_misspelt_key_is_rejected(tmp_path):

@@ -24,12 +24,8 @@ from microfp.config import Params, parse_params
 from microfp.errors import MicrofpError
 from microfp.shards import EULER_SCALE, VESet, read_shard, write_shard
 from microfp.model import CheckpointError, load_vae
-from microfp.train import (
-    ShardDataset,
-    train,
-    train_command,
-)
-from microfp.train import curve_columns
+import microfp.train as train_module
+from microfp.train import ShardDataset, curve_columns, train, train_command
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -229,6 +225,19 @@ def test_last_checkpoint_of_another_architecture_starts_afresh(
     # resume: false also starts afresh
     result = run(make_params(epochs=1, latent_dim=6, resume=False), data_dir, tmp_path)
     assert result["steps"] == 8
+
+
+def test_last_checkpoint_of_other_training_code_starts_afresh(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(make_params(epochs=1), data_dir, tmp_path)
+    capsys.readouterr()
+    monkeypatch.setattr(train_module, "training_code_digest", lambda: "0" * 16)  # as after an edit of model.py
+    result = run(make_params(epochs=2), data_dir, tmp_path)
+    assert "models/vae/last.ckpt: trained by other microfp code" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "models/vae/last.ckpt", weights_only=True)
+    assert result["steps"] == 16 and (ckpt["epoch"], ckpt["global_step"]) == (1, 16)
+    assert ckpt["hyper_parameters"]["training_code"] == "0" * 16
 
 
 def _md5(path: Path) -> str:

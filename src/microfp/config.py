@@ -263,6 +263,13 @@ class Params(_Strict):
                 raise ValueError(f"train.{key}: set {name!r} is not in generate.sets")
         return self
 
+    @model_validator(mode="after")
+    def _linear_grid_divides_ve_size(self) -> "Params":
+        grid = self.train.linear_grid
+        if grid and self.ve_size % grid:
+            raise ValueError(f"train.linear_grid: must be 0 or divide ve_size ({self.ve_size}), got {grid}")
+        return self
+
     @property
     def box_size(self) -> float:
         """Edge length of a VE in length units (ve_size * resolution)."""
@@ -274,7 +281,8 @@ def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     # Drop pydantic's union-branch tags (e.g. "constrained-float") so only real keys remain.
     parts = [str(p) for p in first["loc"] if isinstance(p, int) or str(p).replace("_", "").isalnum()]
-    key = ".".join(parts) or "(top level)"
+    # errors of whole-file checks (model validators) have no location: their message names the keys
+    key = ".".join(parts)
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see params.yaml for the known keys)"
     elif first["type"] == "missing":
@@ -283,7 +291,7 @@ def _one_line(err: ValidationError, source: str) -> str:
         msg = first["msg"].replace("Value error, ", "")
     more = len(err.errors()) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{source}: {key}: {msg}{tail}".replace("\n", " ")
+    return f"{source}: {key + ': ' if key else ''}{msg}{tail}".replace("\n", " ")
 
 
 def parse_params(raw: object, source: str = "params.yaml") -> Params:

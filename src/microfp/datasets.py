@@ -25,6 +25,7 @@ from microfp import shards, volumes
 from microfp.atomic import save_figure, write_json
 from microfp.config import TEXTURES_DEG, Params, SetSpec
 from microfp.console import ProgressBar
+from microfp.determinism import source_digest
 from microfp.errors import MicrofpError
 from microfp.runtime import resolve_workers
 
@@ -38,15 +39,9 @@ def generator_digest() -> str:
     Stored in every shard, so a shard made by other generator code is never resumed from: a
     persistent output would otherwise keep VEs of an older algorithm whose parameters look equal.
     """
-    import hashlib
-    import inspect
-
     from microfp import crystallography
 
-    h = hashlib.sha256()
-    for module in (volumes, crystallography):
-        h.update(inspect.getsource(module).encode())
-    return h.hexdigest()[:16]
+    return source_digest(volumes, crystallography)
 
 
 def ve_rng(seed: int, set_name: str, index: int) -> np.random.Generator:
@@ -278,9 +273,19 @@ def plot_set(set_dir: Path, out_png: Path, title: str, n_ves: int = 4) -> None:
     save_figure(fig, out_png)
 
 
+STATS_DIGITS = 9  # significant digits kept in the statistics JSON
+
+
+def rounded(stats: dict[str, float]) -> dict[str, float]:
+    """Floats rounded to :data:`STATS_DIGITS` significant digits: the statistics go through BLAS and
+    damask's averaging, whose last bits differ between CPUs of one machine kind (AVX2 vs AVX-512
+    kernels), while the file is a DVC output that must have the same md5 on every such host."""
+    return {k: float(f"{v:.{STATS_DIGITS}g}") if isinstance(v, float) else v for k, v in stats.items()}
+
+
 def write_set_report(params: Params, set_name: str, set_dir: Path, metrics_path: Path, plot_path: Path) -> dict:
     """Statistics JSON and mid-slice plot of one set."""
-    stats = set_statistics(set_dir, params.generate.sets[set_name])
+    stats = rounded(set_statistics(set_dir, params.generate.sets[set_name]))
     write_json(metrics_path, stats)
     plot_set(set_dir, plot_path, set_name)
     return stats

@@ -28,9 +28,12 @@ only, and never matches a CPU run to the bit.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import platform
 import random
+from types import ModuleType
 
 # Environment read by the math libraries when they are loaded (see module docstring, point 1).
 PINNED_ENV: dict[str, str] = {
@@ -72,3 +75,15 @@ def deterministic_torch(seed: int, threads: int = 0) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def source_digest(*modules: ModuleType) -> str:
+    """sha256 (16 hex digits) of the source text of ``modules``, in the order given.
+
+    Stored with a persistent output (VE shards, the training checkpoint) so that it is never resumed
+    from when the code that made it changed: the result would mix two versions of the code and would
+    not be what a fresh run of this commit gives."""
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(inspect.getsource(module).encode())
+    return h.hexdigest()[:16]

@@ -28,18 +28,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from microfp.errors import MicrofpError
+from microfp.rotations import check_family, euler_to_quaternion, quaternion_multiply, quaternion_to_matrix
 
 __all__ = ["CHANNELS", "NearestOrientation", "harmonics", "local_state", "whitened_field", "whitening"]
 
-CHANNELS = {"cubic": 9, "hexagonal": 18}  # harmonics per orientation
+CHANNELS = {"cubic": 9, "hexagonal": 18}  # harmonics per orientation, for each of rotations.FAMILIES
 WHITENING_SAMPLE = 200_000  # random orientations that fix the whitening (sampling error ~0.3 %)
 SEED = 20251126
-
-
-def _check_family(family: str) -> None:
-    if family not in CHANNELS:
-        raise MicrofpError(f"crystal family must be cubic or hexagonal, got {family!r}")
 
 
 def _monomials(degree: int) -> list[tuple[int, int, int]]:
@@ -62,9 +57,7 @@ def harmonics(q: torch.Tensor, family: str) -> torch.Tensor:
     l = 6 of the a axes, as the real part of (a_1 + i a_2)^6). The isotropic part is subtracted, so a
     random texture averages to 0. Same dtype and device as ``q``.
     """
-    from microfp.rotations import quaternion_to_matrix
-
-    _check_family(family)
+    check_family(family)
     rows = quaternion_to_matrix(q)
     if family == "cubic":
         t4 = sum(_components(rows[..., i, :], 4) for i in range(3))
@@ -80,8 +73,6 @@ def harmonics(q: torch.Tensor, family: str) -> torch.Tensor:
 
 def local_state(euler: np.ndarray, family: str) -> np.ndarray:
     """:func:`harmonics` of Bunge Euler angles: ``(G, 3)`` radians -> ``(G, C)`` float64 (numpy)."""
-    from microfp.rotations import euler_to_quaternion
-
     e = torch.as_tensor(np.asarray(euler, dtype=np.float64).reshape(-1, 3))
     return harmonics(euler_to_quaternion(e), family).numpy()
 
@@ -100,18 +91,27 @@ def whitening(family: str) -> np.ndarray:
     For an irreducible harmonic the covariance over random orientations is the inverse of the
     rotation-invariant inner product, so whitening makes distances between harmonics independent of
     the sample frame and weighs every channel equally in the MSE (float64, from a fixed sample)."""
-    _check_family(family)
+    check_family(family)
     h = harmonics(torch.as_tensor(_random_quaternions(WHITENING_SAMPLE, SEED)), family).numpy()
     cov = h.T @ h / len(h)
     vals, vecs = np.linalg.eigh(cov)
     return (vecs / np.sqrt(vals)) @ vecs.T
 
 
+@lru_cache(maxsize=None)
+def _whitening_t(family: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The transpose of :func:`whitening` as a tensor, converted once per dtype and device."""
+    return torch.tensor(whitening(family).T, dtype=dtype, device=device)  # a copy in torch's (aligned) memory
+
+
+def whitened_harmonics(q: torch.Tensor, family: str) -> torch.Tensor:
+    """Unit quaternions ``(..., 4)`` -> whitened harmonics ``(..., C)``, ``W H(q)``; same dtype and device."""
+    return harmonics(q, family) @ _whitening_t(family, q.dtype, q.device)
+
+
 def whitened_field(q: torch.Tensor, family: str, dim: int = 1) -> torch.Tensor:
     """Quaternion field (components along ``dim``, 4) -> whitened harmonics field (C along ``dim``)."""
-    w = torch.as_tensor(whitening(family), dtype=q.dtype, device=q.device)
-    h = harmonics(q.movedim(dim, -1), family) @ w.T
-    return h.movedim(-1, dim).contiguous()
+    return whitened_harmonics(q.movedim(dim, -1), family).movedim(-1, dim).contiguous()
 
 
 class NearestOrientation:
@@ -138,30 +138,25 @@ class NearestOrientation:
     CHUNK = 8192  # voxels per matrix product
 
     def __init__(self, family: str) -> None:
-        from microfp.rotations import quaternion_multiply
-
-        _check_family(family)
-        self.family = family
-        self.w = torch.as_tensor(whitening(family))  # tables built in float64, searched in float32
+        check_family(family)
+        self.family = family  # tables built in float64, searched in float32
         table = torch.as_tensor(_random_quaternions(self.COARSE, SEED + 1))
         self.table, self.table_h = table.float(), self._harmonics(table).float()
         fit = torch.as_tensor(_random_quaternions(64, SEED + 2))
-        fit_h, eps = self._harmonics(fit), 1e-4
+        fit_h, eps = self._harmonics(fit).numpy(), 1e-4
         generators = []
         for axis in torch.eye(3, dtype=torch.float64):
-            moved = [self._harmonics(quaternion_multiply(fit, _exp(sign * eps * axis).expand_as(fit))) for sign in (1, -1)]
-            d_plus, d_minus = (torch.linalg.lstsq(fit_h, m).solution for m in moved)  # H(q r) = H(q) D^T, exact
+            # H(q r) = H(q) D^T exactly, so D^T is the least-squares fit over the 64 orientations
+            moved = [self._harmonics(quaternion_multiply(fit, _exp(sign * eps * axis).expand_as(fit))).numpy()
+                     for sign in (1, -1)]
+            d_plus, d_minus = (_least_squares(fit_h, m) for m in moved)
             generators.append((d_plus - d_minus) / (2 * eps))
-        # (C, 3 C): H @ it = [dH / dv_a]. Rounded to 1e-9: LAPACK's least squares differs in the last bits
-        # from run to run (memory alignment), and the decoded fields must not (bit-reproducible outputs).
-        self.generators = (torch.cat(generators, dim=1) * 1e9).round().div(1e9).float()
+        self.generators = torch.as_tensor(np.concatenate(generators, axis=1)).float()  # (C, 3 C): H @ it = [dH / dv_a]
 
     def _harmonics(self, q: torch.Tensor) -> torch.Tensor:
-        return harmonics(q, self.family) @ self.w.to(q.dtype).T
+        return whitened_harmonics(q, self.family)
 
     def _search(self, h: torch.Tensor) -> torch.Tensor:
-        from microfp.rotations import quaternion_multiply
-
         n, c = h.shape
         q = self.table[torch.addmm(-0.5 * self.table_h.square().sum(-1), h, self.table_h.T).argmax(-1)]
         eye = 1e-6 * torch.eye(3)
@@ -179,6 +174,30 @@ class NearestOrientation:
         flat = h.detach().float().cpu()
         out = torch.cat([self._search(part) for part in flat.split(self.CHUNK)]) if len(flat) else flat.new_zeros(0, 4)
         return out.to(dtype=h.dtype, device=h.device)
+
+
+def _least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``x (n, k)`` minimising ``|a x - b|`` for ``a (m, n)`` of full column rank, ``b (m, k)``, float64.
+
+    Normal equations, solved by Gaussian elimination with partial pivoting, every sum in a fixed order
+    (numpy element-wise operations and reductions along a non-contiguous axis). Written here because
+    LAPACK's solvers (``torch.linalg.lstsq``, ``numpy.linalg.solve``) returned results that differ in the
+    last bits from process to process (their blocked kernels depend on memory alignment; measured: 2 of
+    8 processes), which changed decoded orientations and so the md5 of evaluate's outputs. The systems
+    here are 9 x 9 or 18 x 18 and well conditioned (whitened harmonics of 64 random orientations)."""
+    m = (a[:, :, None] * a[:, None, :]).sum(axis=0)  # a^T a, (n, n)
+    r = (a[:, :, None] * b[:, None, :]).sum(axis=0)  # a^T b, (n, k)
+    n = len(m)
+    for k in range(n):
+        p = k + int(np.argmax(np.abs(m[k:, k])))
+        m[[k, p]], r[[k, p]] = m[[p, k]], r[[p, k]]
+        f = m[k + 1 :, k] / m[k, k]
+        m[k + 1 :] -= f[:, None] * m[k]
+        r[k + 1 :] -= f[:, None] * r[k]
+    x = np.zeros_like(r)
+    for k in range(n - 1, -1, -1):
+        x[k] = (r[k] - (m[k, k + 1 :, None] * x[k + 1 :]).sum(axis=0)) / m[k, k]
+    return x
 
 
 def _exp(v: torch.Tensor) -> torch.Tensor:

@@ -522,13 +522,6 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> "
 def model_config(params: Params, crystal: str = "cubic") -> VAEConfig:
     """The architecture the parameters ask for (``crystal`` comes from the training data)."""
     t = params.train
-    try:
-        return _vae_config(params, t, crystal)
-    except ValueError as err:  # combinations the parameter schema cannot check alone (linear_grid vs ve_size)
-        raise MicrofpError(f"parameters: {err}") from None
-
-
-def _vae_config(params: Params, t: Any, crystal: str) -> VAEConfig:
     return VAEConfig(
         encoder=params.encoder,
         ve_size=params.ve_size,

@@ -47,7 +47,8 @@ EULER_SCALE = EULER_MAX  # (2 pi, pi, 2 pi) in float64 (microfp.shards.EULER_SCA
 FAMILIES = ("cubic", "hexagonal")
 
 
-def _check_family(family: str) -> None:
+def check_family(family: str) -> None:
+    """A one-line error unless ``family`` is one of :data:`FAMILIES`."""
     if family not in FAMILIES:
         raise MicrofpError(f"crystal family must be cubic or hexagonal, got {family!r}")
 
@@ -120,7 +121,7 @@ def _symmetry_numpy(family: str) -> np.ndarray:
 def symmetry_quaternions(family: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """The proper rotations of the crystal family as quaternions ``(S, 4)``: 24 (cubic, 432) or 12
     (hexagonal, 622), from damask."""
-    _check_family(family)
+    check_family(family)
     return torch.as_tensor(_symmetry_numpy(family), dtype=dtype, device=device)
 
 
@@ -176,7 +177,7 @@ def disorientation_cos_half(q1: torch.Tensor, q2: torch.Tensor, family: str, dim
     ``a_(1) >= a_(2)`` the two largest; hexagonal (622): ``max(m1, m2, m1 sqrt3/2 + m4/2, m2 sqrt3/2 +
     m3/2)`` with ``m1 >= m4`` the sorted ``(|w|, |z|)`` and ``m2 >= m3`` the sorted ``(|x|, |y|)``. In
     [0, 1] for unit inputs; differentiable almost everywhere (the training loss uses it)."""
-    _check_family(family)
+    check_family(family)
     w1, x1, y1, z1 = q1.unbind(dim)
     w2, x2, y2, z2 = q2.unbind(dim)
     # q1 * conj(q2) with damask's product: (w1 w2 + v1.v2, w2 v1 - w1 v2 + v1 x v2)

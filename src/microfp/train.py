@@ -13,7 +13,9 @@ stored in the checkpoint), training continues from it up to ``train.epochs`` (we
 counter, best score, curves and the MLflow run). The current ``lr``/``weight_decay``/``alpha``/``beta``
 apply to the continued epochs. When the architecture differs, the parameters were changed on purpose
 (``dvc exp run -S latent_dim=512``): the old ``best.ckpt``/``last.ckpt`` are removed with a warning and
-training starts afresh. ``train.resume: false`` always starts afresh. A checkpoint given explicitly to
+training starts afresh; so it does when the checkpoint was trained by other code (a digest of the training,
+model and representation modules is kept in it: :func:`training_code_digest`), as `dvc repro` reruns a
+stage whose code changed. ``train.resume: false`` always starts afresh. A checkpoint given explicitly to
 :func:`microfp.model.load_vae` (fingerprint/evaluate) must match, or it is an error.
 
 All files are written atomically (temporary file, then rename), so a stage killed midway leaves the
@@ -44,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from microfp.atomic import write_json, write_text
 from microfp.config import Params, TrainParams, load_params
+from microfp.determinism import source_digest
 from microfp.errors import MicrofpError
 from microfp.model import (
     VAE,
@@ -235,6 +238,7 @@ class VAEModule(L.LightningModule):
         warmup_fraction: float = 0.05,
         channels_last: bool = False,
         compile: bool = False,
+        training_code: str = "",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -259,6 +263,7 @@ class VAEModule(L.LightningModule):
             warmup_fraction=t.warmup_fraction,
             channels_last=t.channels_last,
             compile=t.compile,
+            training_code=training_code_digest(),
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -311,6 +316,15 @@ class VAEModule(L.LightningModule):
         for state in checkpoint.get("lr_schedulers", []):
             if "base_lrs" in state:
                 state["base_lrs"] = [self.hparams.lr] * len(state["base_lrs"])
+
+
+def training_code_digest() -> str:
+    """Digest of the modules that define a training step (this one, the model, the representations,
+    the shard reader), kept in the checkpoint's hyperparameters: a checkpoint of other code is not
+    resumed from, so a code change retrains as `dvc repro` expects of a changed dependency."""
+    from microfp import harmonics, model, rotations, shards
+
+    return source_digest(sys.modules[__name__], model, harmonics, rotations, shards)
 
 
 def _mismatch(path: Path, have: dict[str, Any], want: dict[str, Any], source: str) -> str | None:
@@ -558,6 +572,8 @@ def _resume_from(last: Path, params: Params, data: Path) -> tuple[Path | None, i
         _remove_stale(last.parent)
         return None, 0
     msg = _mismatch(last, model_of_checkpoint(ckpt)[0], architecture_of_params(params), "params.yaml")
+    if not msg and ckpt.get("hyper_parameters", {}).get("training_code") != training_code_digest():
+        msg = f"{last}: trained by other microfp code (training, model or representation modules changed)"
     if msg:
         log.warning(f"warning: {msg}; starting afresh (old best.ckpt and last.ckpt removed)")
         _remove_stale(last.parent)
