@@ -19,6 +19,12 @@ Usage (data from ``microfp generate`` with the study's parameter file)::
     python benchmarks/bench_learning.py run --params study32.yaml --data d32 --name quat-b16 \\
         --set train.representation=quaternion --set train.base_channels=16 --eval-every 2
     python benchmarks/bench_learning.py report --results benchmarks/results/learning.jsonl
+
+``ceiling`` scores perfect reconstructions at a coarser resolution; ``linear`` scores the default
+recipe's linear path alone (its PCA initialisation) against latent_dim and linear_grid and fits
+val phi4 against latent_dim (``learning-linear.json``)::
+
+    python benchmarks/bench_learning.py linear --data data/ves --latents 64 128 256 512 --grids 4
 """
 
 from __future__ import annotations
@@ -373,6 +379,58 @@ def ceiling(args: argparse.Namespace) -> None:
     out.write_text(json.dumps({"data": str(args.data), "blocks": args.blocks, "rows": rows}, indent=2) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------
+# Linear path: what the default recipe's PCA initialisation alone scores, against latent_dim and grid
+
+
+def linear_path(args: argparse.Namespace) -> None:
+    """Scores of the linear path alone (:meth:`microfp.model.VAE.init_linear_path` on ``--n-train``
+    freshly generated training VEs, the ResNet silent: the model at the start of the default recipe's
+    training) for every ``--latents`` x ``--grids``, on the val and textured sets of ``--data``; a power
+    law of val phi4 in latent_dim per grid, and the latent_dim it puts at the paper's phi4."""
+    from microfp import datasets
+    from microfp.config import parse_params
+    from microfp.model import VAE, block_means, model_config
+    from microfp.setdata import iter_set_batches
+
+    torch.set_num_threads(args.threads)
+    raw = yaml.safe_load(Path(args.params).read_text())
+    raw["generate"]["sets"]["train"]["n"] = args.n_train
+    raw["generate"]["workers"] = 1
+    fields = load_fields(Path(args.data), ["val", *TEXTURED], args.ves, raw["ve_size"])
+    baseline = mean_field_scores(fields)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        datasets.generate_set(parse_params(raw), "train", Path(tmp), workers=1, progress=False)
+        train = torch.cat([b.x for b in iter_set_batches(Path(tmp), 64, args.n_train, raw["ve_size"])])
+    for grid in args.grids:
+        for latent in args.latents:
+            raw["latent_dim"], raw["train"]["linear_grid"] = latent, grid
+            torch.manual_seed(0)
+            vae = VAE(model_config(parse_params(raw))).eval()
+            with torch.no_grad():
+                blocks = torch.cat([block_means(vae.represent(train[i : i + 64]).double(), grid)
+                                    for i in range(0, len(train), 64)])
+                k = vae.init_linear_path(blocks)
+            row = {"grid": grid, "latent_dim": latent, "components": k, "features": blocks.shape[1],
+                   "n_train": len(train), **score(vae, fields)}
+            rows.append(row)
+            print(json.dumps({key: row[key] for key in ("grid", "latent_dim", "components", "val_phi4", "val_dis",
+                                                        "textured_dis_mean")}), file=sys.stderr, flush=True)
+    fits = {}
+    for grid in args.grids:
+        pts = [r for r in rows if r["grid"] == grid and r["components"] == r["latent_dim"]]
+        if len(pts) >= 3:
+            a, b = power_fit(np.array([r["latent_dim"] for r in pts], float), np.array([r["val_phi4"] for r in pts]), 0.0)
+            fits[str(grid)] = {"model": "val_phi4 = a * latent_dim^-b", "a": a, "b": b,
+                               "latent_dim_for_paper_phi4": (PAPER_PHI4 / a) ** (-1 / b) if b > 0 else None,
+                               "features": pts[0]["features"]}
+    out = {"params": args.params, "data": str(args.data), "ves_per_set": args.ves, "n_train": args.n_train,
+           "mean_field": baseline, "paper_phi4": PAPER_PHI4, "fits": fits, "rows": rows}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(fits, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -393,8 +451,17 @@ def main() -> None:
     c.add_argument("--blocks", nargs="+", type=int, default=[2, 4, 8])
     c.add_argument("--ves", type=int, default=32, help="VEs per set")
     c.add_argument("--out", default="benchmarks/results/learning-ceiling.json")
+    lp = sub.add_parser("linear", help="scores of the linear path alone (PCA initialisation) vs latent_dim and grid")
+    lp.add_argument("--params", default="params.yaml")
+    lp.add_argument("--data", required=True, help="shard root with val and the textured sets")
+    lp.add_argument("--n-train", type=int, default=2048, help="training VEs generated for the PCA")
+    lp.add_argument("--latents", nargs="+", type=int, default=[64, 128, 256, 512, 1024, 2048])
+    lp.add_argument("--grids", nargs="+", type=int, default=[4, 8])
+    lp.add_argument("--ves", type=int, default=64, help="VEs per evaluated set")
+    lp.add_argument("--threads", type=int, default=1)
+    lp.add_argument("--out", default="benchmarks/results/learning-linear.json")
     args = ap.parse_args()
-    {"run": run, "report": report, "ceiling": ceiling}[args.cmd](args)
+    {"run": run, "report": report, "ceiling": ceiling, "linear": linear_path}[args.cmd](args)
 
 
 if __name__ == "__main__":

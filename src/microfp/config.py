@@ -98,7 +98,7 @@ class TrainParams(_Strict):
     train_set: str = "train"
     val_set: str = "val"
     epochs: int = Field(5, gt=0, le=100_000)
-    limit_train_batches: int = Field(0, ge=0, description="train batches per epoch (quick runs); 0 = all")
+    limit_train_batches: int = Field(0, ge=0, description="train batches per epoch, each epoch a new shuffled subset; 0 = all")
     batch_size: int = Field(8, gt=0, le=65_536)
     lr: PositiveFloat = 1e-5
     weight_decay: float = Field(1e-5, ge=0)
