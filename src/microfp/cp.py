@@ -323,6 +323,7 @@ class Material:
         local_tol: float | None = None,
         max_local: int = 60,
         chunk: int = 0,
+        kernel: str = "auto",
     ) -> None:
         self.p, self.elastic, self.twinning = p, elastic, twinning and not elastic
         self.dtype, self.device = dtype, torch.device(device)
@@ -363,6 +364,13 @@ class Material:
         self.local_rtol = 0.0 if dtype == torch.float64 else 1e-5
         self.max_local = max_local
         self.chunk = chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
+        self.kernel = _choose_kernel(kernel, self.device, dtype)
+        if self.kernel == "numba":
+            # numpy copies of the constants the fused kernel reads (microfp.cp_kernel)
+            self._np = {
+                "S0": crystal["S"][0], "P0": crystal["P"][0], "first": first, "family": np.searchsorted(family[first], family),
+                "xs_inf": self.xi_inf[self.slip_first].cpu().numpy(), "Q": self.Q.cpu().numpy(), "C": self.C.cpu().numpy(),
+            }
 
     # -- setup -----------------------------------------------------------------------------------
     def voxel_grains(self, grain_ids: np.ndarray) -> torch.Tensor:
@@ -550,6 +558,8 @@ class Material:
             return sig.reshape(B, V, 6), Cg.reshape(B, V, 6, 6), state_n, shears_guess.clone(), ok, 1
         M = B * V
         target = (eps - state_n.eps_p).reshape(M, 6)
+        if self.kernel == "numba":
+            return self._update_fused(g, target, state_n, sig_guess, shears_guess, dt)
         if self.n_twin:
             frac = (state_n.gamma_tw / self.gamma_char).sum(-1).reshape(M, 1)
             tf = (1.0 - frac).clamp(min=0.0)
@@ -575,6 +585,64 @@ class Material:
         new_state = State(eps_p.reshape(B, V, 6), xi.reshape(B, V, -1), gamma_tw, gamma_sl)
         K = 0.5 * (K + K.transpose(-1, -2))
         return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, shears.reshape(B, V, -1), ok, most
+
+
+    def _update_fused(self, g: torch.Tensor, target: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
+                      shears_guess: torch.Tensor, dt: float):
+        """:meth:`update` by the fused per-voxel kernel (:mod:`microfp.cp_kernel`, CPU, float64): the same
+        local Newton as :meth:`_local`, one voxel at a time; same results to round-off."""
+        from microfp import cp_kernel
+
+        import numba
+
+        B, V = state_n.eps_p.shape[:2]
+        M = B * V
+        p, c = self.p, self._np
+        gamma_tw = state_n.gamma_tw.reshape(M, -1)
+        if self.n_twin:
+            tf = (1.0 - (state_n.gamma_tw / self.gamma_char).sum(-1)).clamp(min=0.0).reshape(M)
+        else:
+            tf = torch.ones(M, dtype=self.dtype)
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        out = cp_kernel.update_voxels(
+            g.numpy(), c["Q"], c["C"], target.numpy(), state_n.xi.reshape(M, -1).numpy(), tf.numpy(),
+            state_n.gamma_sl.reshape(M).numpy(), sig_guess.reshape(M, 6).numpy(), shears_guess.reshape(M, -1).numpy(),
+            S0=c["S0"], P0=c["P0"], n_slip=self.n_slip, first=c["first"], family=c["family"], xs_inf=c["xs_inf"],
+            rate=dt * p.dot_gamma_0, n=p.n, a_sl=p.a_sl, h_0_sl_sl=p.h_0_sl_sl, h_0_tw_sl=p.h_0_tw_sl,
+            h_0_tw_tw=p.h_0_tw_tw, tol_abs=self.local_tol, tol_rel=self.local_rtol, max_local=self.max_local,
+        )
+        t = {k: torch.from_numpy(v) for k, v in out.items()}
+        eps_p = state_n.eps_p.reshape(M, 6) + t["deps_p"]
+        if self.n_twin:
+            gamma_tw = gamma_tw + t["dg"][:, self.n_slip :]
+        gamma_sl = state_n.gamma_sl.reshape(M, 1) + t["shears"][:, :1]
+        new_state = State(eps_p.reshape(B, V, 6), t["xi"].reshape(B, V, -1), gamma_tw.reshape(B, V, -1),
+                          gamma_sl.reshape(B, V, 1))
+        ok = t["converged"].reshape(B, V).all(dim=1)
+        return (t["sig"].reshape(B, V, 6), t["K"].reshape(B, V, 6, 6), new_state, t["shears"].reshape(B, V, -1), ok,
+                int(out["iterations"].max(initial=0)))
+
+
+KERNELS = ("auto", "numba", "torch")
+
+
+def _choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The local update's implementation: ``"numba"`` (the fused CPU kernel, float64) or ``"torch"``.
+    ``"auto"``: numba on a CPU in float64 when numba imports, else torch."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    fits = device.type == "cpu" and dtype == torch.float64
+    if kernel == "numba" and not fits:
+        raise ValueError(f"the numba kernel runs on the CPU in float64 only (got {device.type}, {dtype})")
+    if kernel == "torch" or not fits:
+        return "torch"
+    try:
+        import microfp.cp_kernel  # noqa: F401
+    except ImportError:
+        if kernel == "numba":
+            raise ValueError("kernel 'numba' needs the numba package (pip install numba)") from None
+        return "torch"
+    return "numba"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -692,6 +760,7 @@ class SolverSettings:
     voxel_chunk: int = 0  # voxels per local-update call; 0: CPU_CHUNK on CPUs, GPU_CHUNK on GPUs
     nyquist: str = "reduced"  # even grids: "reduced" (DAMASK's) or "drop" (solver v3); see Projection
     stress_measure: str = "cauchy"  # reported sigma_xx: "cauchy" (first order in eps_e, as DAMASK's) or "small"
+    kernel: str = "auto"  # local update: "numba" (fused CPU kernel, float64), "torch", "auto" (numba where it runs)
 
 
 @dataclass
@@ -923,6 +992,7 @@ def solve(
         dtype=dtype,
         device=device,
         chunk=settings.voxel_chunk,
+        kernel=settings.kernel,
     )
     proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device, settings.nyquist)
     results = [
