@@ -72,24 +72,24 @@ def power(x, quarters, e):
     return out
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a,
-             h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us):
+             h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc):
     """Local residual ``r`` (6 + nk) at ``y`` (crystal frame), and dg, dgd, dgx, xi, u (N_s) as
     ``Material._residual``; ``xs``, ``us`` (families,) scratch. Returns ``r . r``."""
     nsys = P0.shape[0]
     G = y[6]
     for f in range(first.shape[0]):
         xsn = xin[first[f]]
-        xinf = xs_inf[f]
+        rinf = 1.0 / xs_inf[f]  # (divisions are the slowest operations here: one per family, not six)
         x = xsn
         H = 0.0
         dH = 0.0
         for it in range(3):
-            sat = 1.0 - x / xinf
+            sat = 1.0 - x * rinf
             powm1 = power(abs(sat), q_a, a_sl - 1.0)
             H = h0 * powm1 * sat
-            dH = -h0 * a_sl * powm1 / xinf
+            dH = -h0 * a_sl * powm1 * rinf
             if it == 2:
                 break
             x = x - (x - xsn - H * G) / (1.0 - dH * G)
@@ -108,7 +108,8 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
         tau = 0.0
         for j in range(6):
             tau += y[j] * P0[a, j]
-        ratio = tau / xi[a]
+        rxi = 1.0 / xi[a]
+        ratio = tau * rxi
         if ratio > 1e3:
             ratio = 1e3
         elif ratio < -1e3:
@@ -121,16 +122,21 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
             g *= fac
             gd *= fac
         dg[a] = g
-        dgd[a] = gd / xi[a]
-        dgx[a] = -n_exp * g / xi[a]
+        dgd[a] = gd * rxi
+        dgx[a] = -n_exp * g * rxi
+    # sums over the systems with the outputs innermost: six independent chains of additions (in the
+    # order a = 0, 1, ...) that the CPU overlaps, instead of one chain of 30 dependent additions each
+    for i in range(6):
+        acc[i] = 0.0
+    for a in range(nsys):
+        w = dg[a]
+        for i in range(6):
+            acc[i] += w * P0[a, i]
     for i in range(6):
         s = 0.0
         for j in range(6):
             s += y[j] * S0[j, i]
-        p = 0.0
-        for a in range(nsys):
-            p += dg[a] * P0[a, i]
-        r[i] = (s + p) - tgt[i]
+        r[i] = (s + acc[i]) - tgt[i]
     s = 0.0
     for a in range(ns):
         s += abs(dg[a])
@@ -147,58 +153,71 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
 
 
 @njit(inline="always", **_OPTS)
-def stress_block(dgd, S0, P0, A):
-    """``A = S0 + sum_a dgd_a p_a p_a^T`` (6, 6), symmetric (the lower triangle is copied)."""
-    nsys = P0.shape[0]
+def stress_block(dgd, S0, PP, A, acc):
+    """``A = S0 + sum_a dgd_a p_a p_a^T`` (6, 6), symmetric; ``PP`` (N_s, 21) holds the upper triangles of
+    ``p_a p_a^T`` row by row; ``acc`` (>= 21,) scratch."""
+    nsys = PP.shape[0]
+    for t in range(21):
+        acc[t] = 0.0
+    for a in range(nsys):
+        w = dgd[a]
+        for t in range(21):
+            acc[t] += w * PP[a, t]
+    t = 0
     for i in range(6):
         for j in range(i, 6):
-            s = 0.0
-            for a in range(nsys):
-                s += dgd[a] * (P0[a, i] * P0[a, j])
-            A[i, j] = S0[i, j] + s
-    for i in range(6):
-        for j in range(i):
-            A[i, j] = A[j, i]
+            A[i, j] = S0[i, j] + acc[t]
+            A[j, i] = A[i, j]
+            t += 1
 
 
-@njit(**_OPTS)
-def jacobian(u, dg, dgd, dgx, S0, P0, ns, nk, h_tw_tw, J):
-    """(6 + nk, 6 + nk) derivative of the residual, as ``Material._jacobian``."""
+@njit(inline="always", **_OPTS)
+def jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc):
+    """(6 + nk, 6 + nk) derivative of the residual, as ``Material._jacobian``; ``acc`` (>= 24,) scratch.
+
+    ``[[S0 + sum_a dgd_a p_a p_a^T, sum_a c_0a p_a, sum_tw c_1a p_a], [-sum_slip s_a dgd_a p_a^T, 1 -
+    sum_slip s_a c_0a, 0], [-sum_tw dgd_a p_a^T, -sum_tw c_0a, 1 - sum_tw c_1a]]`` with ``c_0 = dgx u``,
+    ``c_1 = dgx h_0^tw-tw`` and ``s = sign(dg)``.
+    """
     nsys = P0.shape[0]
-    stress_block(dgd, S0, P0, J)
-    for i in range(6):
-        s = 0.0
-        for a in range(nsys):
-            s += (dgx[a] * u[a]) * P0[a, i]
-        J[i, 6] = s
-        s = 0.0
-        for a in range(ns):
-            s += (math.copysign(1.0, dg[a]) if dg[a] != 0.0 else 0.0) * dgd[a] * P0[a, i]
-        J[6, i] = -s
-    s = 0.0
+    stress_block(dgd, S0, PP, J, acc)
+    for t in range(24):
+        acc[t] = 0.0
+    s66 = 0.0
     for a in range(ns):
-        s += (math.copysign(1.0, dg[a]) if dg[a] != 0.0 else 0.0) * (dgx[a] * u[a])
-    J[6, 6] = 1.0 - s
-    if nk == 2:
+        c0 = dgx[a] * u[a]
+        sg = math.copysign(1.0, dg[a]) if dg[a] != 0.0 else 0.0
+        w = sg * dgd[a]
+        s66 += sg * c0
         for i in range(6):
-            s = 0.0
-            t = 0.0
-            for a in range(ns, nsys):
-                s += (dgx[a] * h_tw_tw) * P0[a, i]
-                t += dgd[a] * P0[a, i]
-            J[i, 7] = s
-            J[7, i] = -t
-        J[6, 7] = 0.0
-        s = 0.0
-        t = 0.0
+            acc[i] += c0 * P0[a, i]
+            acc[6 + i] += w * P0[a, i]
+    J[6, 6] = 1.0 - s66
+    if nk == 2:
+        s76 = 0.0
+        s77 = 0.0
         for a in range(ns, nsys):
-            s += dgx[a] * u[a]
-            t += dgx[a] * h_tw_tw
-        J[7, 6] = -s
-        J[7, 7] = 1.0 - t
+            c0 = dgx[a] * u[a]
+            c1 = dgx[a] * h_tw_tw
+            w = dgd[a]
+            s76 += c0
+            s77 += c1
+            for i in range(6):
+                acc[i] += c0 * P0[a, i]
+                acc[12 + i] += c1 * P0[a, i]
+                acc[18 + i] += w * P0[a, i]
+        J[6, 7] = 0.0
+        J[7, 6] = -s76
+        J[7, 7] = 1.0 - s77
+        for i in range(6):
+            J[i, 7] = acc[12 + i]
+            J[7, i] = -acc[18 + i]
+    for i in range(6):
+        J[i, 6] = acc[i]
+        J[6, i] = -acc[6 + i]
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def solve_in_place(A, b, n):
     """Overwrite ``b`` (n,) with ``A^-1 b`` by Gaussian elimination with partial pivoting (A destroyed)."""
     for c in range(n):
@@ -226,7 +245,7 @@ def solve_in_place(A, b, n):
         b[c] = s / A[c, c]
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def inverse6(A, K, W):
     """``K = A^-1`` (6, 6) by Gauss-Jordan elimination with partial pivoting; ``W`` (6, 12) scratch."""
     for i in range(6):
@@ -258,7 +277,7 @@ def inverse6(A, K, W):
 
 
 @njit(parallel=True, **_OPTS)
-def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, first, family, xs_inf, rate,
+def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf, rate,
            n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local,
            sig_out, K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
     M = gid.shape[0]
@@ -285,18 +304,19 @@ def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, firs
         J = np.empty((ny, ny))
         K = np.empty((6, 6))
         W = np.empty((6, 12))
+        acc = np.empty(24)
         for m in range(blk * BLOCK, min(M, (blk + 1) * BLOCK)):
-            voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, first, family, xs_inf,
+            voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf,
                   rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, sig_out,
                   K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out, y, tgt, ynew, dy, r, dg, dgd,
-                  dgx, xi, u, xs, us, J, K, W)
+                  dgx, xi, u, xs, us, J, K, W, acc)
 
 
 @njit(**_OPTS)
-def voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, first, family, xs_inf, rate,
+def voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf, rate,
           n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, sig_out, K_out, xi_out,
           dg_out, shears_out, deps_out, conv_out, it_out, y, tgt, ynew, dy, r, dg, dgd, dgx, xi, u, xs, us,
-          J, K, W):
+          J, K, W, acc):
     """The update of voxel ``m`` (see :func:`update_voxels`); the arrays after ``it_out`` are scratch."""
     nsys = P0.shape[0]
     nk = shears0.shape[1]
@@ -319,7 +339,7 @@ def voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, fir
     tol = tol_abs + tol_rel * amax
     xin = xi_n[m]
     f = residual(y, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate, n_exp, q_n,
-                 a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us)
+                 a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
     converged = False
     iterations = 0
     for it in range(max_local + 1):
@@ -335,7 +355,7 @@ def voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, fir
             if not abs(r[6 + k]) < tol:
                 done = False
         if done:
-            stress_block(dgd, S0, P0, J)
+            stress_block(dgd, S0, PP, J, acc)
             for i in range(6):
                 for j in range(6):
                     K[i, j] = J[i, j]
@@ -344,7 +364,7 @@ def voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, fir
             break
         if it == max_local:
             break
-        jacobian(u, dg, dgd, dgx, S0, P0, ns, nk, h_tw_tw, J)
+        jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
         for i in range(ny):
             dy[i] = -r[i]
         solve_in_place(J, dy, ny)
@@ -354,7 +374,7 @@ def voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, fir
         for i in range(ny):
             ynew[i] = y[i] + dy[i]
         f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate, n_exp,
-                     q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us)
+                     q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
         for _ in range(16):
             if math.isfinite(f) and f <= (1.0 - 1e-4 * alpha) * f0:
                 break
@@ -362,7 +382,7 @@ def voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, ns, fir
             for i in range(ny):
                 ynew[i] = y[i] + alpha * dy[i]
             f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate,
-                         n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us)
+                         n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
         for i in range(ny):
             y[i] = ynew[i]
     it_out[m] = iterations
@@ -423,6 +443,12 @@ def _quarters(e: float) -> int:
     return int(q) if q.is_integer() and 0 < q < 256 else 0
 
 
+def _outer_upper(P0: np.ndarray) -> np.ndarray:
+    """(N_s, 21) upper triangles of ``p_a p_a^T`` (row by row) of the Schmid tensors ``P0`` (N_s, 6)."""
+    i, j = np.triu_indices(6)
+    return np.ascontiguousarray(P0[:, i] * P0[:, j])
+
+
 def first_call_seconds() -> float:
     """Wall seconds of this process's first kernel call (its compilation or cache load included); 0 before."""
     return float(_FIRST_CALL.get("s", 0.0))
@@ -457,7 +483,7 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
     first_call = "s" not in _FIRST_CALL
     start = time.perf_counter()
     _kernel(np.ascontiguousarray(gid, dtype=np.int64), f64(Q), f64(C), f64(target), f64(xi_n), f64(tf), f64(slip_n),
-       f64(sig0), f64(shears0), f64(S0), f64(P0), int(n_slip), np.ascontiguousarray(first, dtype=np.int64),
+       f64(sig0), f64(shears0), f64(S0), f64(P0), _outer_upper(f64(P0)), int(n_slip), np.ascontiguousarray(first, dtype=np.int64),
        np.ascontiguousarray(family, dtype=np.int64), f64(xs_inf), float(rate), float(n), _quarters(n - 1.0),
        float(a_sl), _quarters(a_sl - 1.0), float(h_0_sl_sl), float(h_0_tw_sl), float(h_0_tw_tw), float(tol_abs),
        float(tol_rel), int(max_local), out["sig"], out["K"], out["xi"], out["dg"], out["shears"], out["deps_p"],
