@@ -43,6 +43,13 @@ _OPTS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
 def power(x, quarters, e):
     """``x ** e`` (x >= 0) as :func:`microfp.cp._power`: by multiplications and square roots when
     ``quarters`` = 4 e is a whole number in (0, 256), else ``x ** e``."""
+    if quarters == 76:  # n - 1 = 19 of the flow law, unrolled (the same products as the loop below)
+        x2 = x * x
+        x4 = x2 * x2
+        x8 = x4 * x4
+        return (x * x2) * (x8 * x8)
+    if quarters == 5:  # a - 1 = 1.25 of the hardening law
+        return math.sqrt(math.sqrt(x)) * x
     if quarters <= 0:
         return x**e
     k = quarters // 4
@@ -218,8 +225,9 @@ def jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc):
 
 
 @njit(inline="always", **_OPTS)
-def solve_in_place(A, b, n):
-    """Overwrite ``b`` (n,) with ``A^-1 b`` by Gaussian elimination with partial pivoting (A destroyed)."""
+def solve_in_place(A, b, n, rd):
+    """Overwrite ``b`` (n,) with ``A^-1 b`` by Gaussian elimination with partial pivoting (A destroyed);
+    ``rd`` (>= n,) scratch for the reciprocals of the pivots (one division per pivot)."""
     for c in range(n):
         piv = c
         best = abs(A[c, c])
@@ -231,9 +239,9 @@ def solve_in_place(A, b, n):
             for j in range(n):
                 A[c, j], A[piv, j] = A[piv, j], A[c, j]
             b[c], b[piv] = b[piv], b[c]
-        d = A[c, c]
+        rd[c] = 1.0 / A[c, c]
         for i in range(c + 1, n):
-            m = A[i, c] / d
+            m = A[i, c] * rd[c]
             if m != 0.0:
                 for j in range(c + 1, n):
                     A[i, j] -= m * A[c, j]
@@ -242,7 +250,7 @@ def solve_in_place(A, b, n):
         s = b[c]
         for j in range(c + 1, n):
             s -= A[c, j] * b[j]
-        b[c] = s / A[c, c]
+        b[c] = s * rd[c]
 
 
 @njit(inline="always", **_OPTS)
@@ -262,14 +270,14 @@ def inverse6(A, K, W):
         if piv != c:
             for j in range(12):
                 W[c, j], W[piv, j] = W[piv, j], W[c, j]
-        d = W[c, c]
-        for j in range(12):
-            W[c, j] /= d
+        rd = 1.0 / W[c, c]
+        for j in range(c, 12):
+            W[c, j] *= rd
         for i in range(6):
             if i != c:
                 m = W[i, c]
                 if m != 0.0:
-                    for j in range(12):
+                    for j in range(c, 12):
                         W[i, j] -= m * W[c, j]
     for i in range(6):
         for j in range(6):
@@ -278,163 +286,158 @@ def inverse6(A, K, W):
 
 @njit(parallel=True, **_OPTS)
 def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf, rate,
-           n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local,
-           sig_out, K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
+            n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local,
+            sig_out, K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
+    """All voxels, in blocks of ``BLOCK``; each voxel reads only its own inputs, so the split over threads
+    does not change any result."""
     M = gid.shape[0]
+    nblocks = (M + BLOCK - 1) // BLOCK
+    for blk in numba.prange(nblocks):
+        _block(blk * BLOCK, min(M, (blk + 1) * BLOCK), gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0,
+               PP, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel,
+               max_local, sig_out, K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out)
+
+
+@njit(**_OPTS)
+def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf,
+           rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, sig_out, K_out, xi_out,
+           dg_out, shears_out, deps_out, conv_out, it_out):
+    """The update of voxels ``lo:hi`` (see :func:`update_voxels`), with one set of scratch arrays."""
     nsys = P0.shape[0]
     nk = shears0.shape[1]
     nf = first.shape[0]
     ny = 6 + nk
-    # blocks of voxels, one scratch set per block (no allocation per voxel); each voxel reads only
-    # its own inputs, so the split over threads does not change any result
-    nblocks = (M + BLOCK - 1) // BLOCK
-    for blk in numba.prange(nblocks):
-        y = np.empty(ny)
-        tgt = np.empty(6)
-        ynew = np.empty(ny)
-        dy = np.empty(ny)
-        r = np.empty(ny)
-        dg = np.empty(nsys)
-        dgd = np.empty(nsys)
-        dgx = np.empty(nsys)
-        xi = np.empty(nsys)
-        u = np.empty(nsys)
-        xs = np.empty(nf)
-        us = np.empty(nf)
-        J = np.empty((ny, ny))
-        K = np.empty((6, 6))
-        W = np.empty((6, 12))
-        acc = np.empty(24)
-        for m in range(blk * BLOCK, min(M, (blk + 1) * BLOCK)):
-            voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf,
-                  rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, sig_out,
-                  K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out, y, tgt, ynew, dy, r, dg, dgd,
-                  dgx, xi, u, xs, us, J, K, W, acc)
-
-
-@njit(**_OPTS)
-def voxel(m, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf, rate,
-          n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, sig_out, K_out, xi_out,
-          dg_out, shears_out, deps_out, conv_out, it_out, y, tgt, ynew, dy, r, dg, dgd, dgx, xi, u, xs, us,
-          J, K, W, acc):
-    """The update of voxel ``m`` (see :func:`update_voxels`); the arrays after ``it_out`` are scratch."""
-    nsys = P0.shape[0]
-    nk = shears0.shape[1]
-    ny = 6 + nk
-    g = gid[m]
-    Qg = Q[g]
-    amax = 0.0
-    for i in range(6):
-        s = 0.0
-        t = 0.0
-        for j in range(6):
-            s += Qg[j, i] * sig0[m, j]
-            t += Qg[j, i] * target[m, j]
-        y[i] = s
-        tgt[i] = t
-        if abs(target[m, i]) > amax:
-            amax = abs(target[m, i])
-    for k in range(nk):
-        y[6 + k] = shears0[m, k]
-    tol = tol_abs + tol_rel * amax
-    xin = xi_n[m]
-    f = residual(y, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate, n_exp, q_n,
-                 a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
-    converged = False
-    iterations = 0
-    for it in range(max_local + 1):
-        iterations = it
-        done = True
+    y = np.empty(ny)
+    tgt = np.empty(6)
+    ynew = np.empty(ny)
+    dy = np.empty(ny)
+    r = np.empty(ny)
+    dg = np.empty(nsys)
+    dgd = np.empty(nsys)
+    dgx = np.empty(nsys)
+    xi = np.empty(nsys)
+    u = np.empty(nsys)
+    xs = np.empty(nf)
+    us = np.empty(nf)
+    J = np.empty((ny, ny))
+    K = np.empty((6, 6))
+    W = np.empty((6, 12))
+    acc = np.empty(24)
+    for m in range(lo, hi):
+        g = gid[m]
+        Qg = Q[g]
+        amax = 0.0
+        for i in range(6):
+            s = 0.0
+            t = 0.0
+            for j in range(6):
+                s += Qg[j, i] * sig0[m, j]
+                t += Qg[j, i] * target[m, j]
+            y[i] = s
+            tgt[i] = t
+            if abs(target[m, i]) > amax:
+                amax = abs(target[m, i])
+        for k in range(nk):
+            y[6 + k] = shears0[m, k]
+        tol = tol_abs + tol_rel * amax
+        xin = xi_n[m]
+        f = residual(y, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate, n_exp, q_n,
+                     a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
+        converged = False
+        iterations = 0
+        for it in range(max_local + 1):
+            iterations = it
+            done = True
+            for i in range(6):
+                s = 0.0
+                for j in range(6):
+                    s += Qg[i, j] * r[j]
+                if not abs(s) < tol:
+                    done = False
+            for k in range(nk):
+                if not abs(r[6 + k]) < tol:
+                    done = False
+            if done:
+                stress_block(dgd, S0, PP, J, acc)
+                for i in range(6):
+                    for j in range(6):
+                        K[i, j] = J[i, j]
+                inverse6(K, K, W)
+                converged = True
+                break
+            if it == max_local:
+                break
+            jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
+            for i in range(ny):
+                dy[i] = -r[i]
+            solve_in_place(J, dy, ny, ynew)
+            # backtracking line search on |r|^2 (the power law with n = 20 overshoots easily)
+            f0 = f
+            alpha = 1.0
+            for i in range(ny):
+                ynew[i] = y[i] + dy[i]
+            f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate, n_exp,
+                         q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
+            for _ in range(16):
+                if math.isfinite(f) and f <= (1.0 - 1e-4 * alpha) * f0:
+                    break
+                alpha *= 0.5
+                for i in range(ny):
+                    ynew[i] = y[i] + alpha * dy[i]
+                f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate,
+                             n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
+            for i in range(ny):
+                y[i] = ynew[i]
+        it_out[m] = iterations
+        conv_out[m] = converged
+        for k in range(nk):
+            shears_out[m, k] = y[6 + k]
         for i in range(6):
             s = 0.0
             for j in range(6):
-                s += Qg[i, j] * r[j]
-            if not abs(s) < tol:
-                done = False
-        for k in range(nk):
-            if not abs(r[6 + k]) < tol:
-                done = False
-        if done:
-            stress_block(dgd, S0, PP, J, acc)
+                s += Qg[i, j] * y[j]
+            sig_out[m, i] = s
+        if converged:
+            for a in range(nsys):
+                xi_out[m, a] = xi[a]
+                dg_out[m, a] = dg[a]
+            # plastic strain increment, crystal frame (in ynew as scratch), then lab
+            for i in range(6):
+                s = 0.0
+                for a in range(nsys):
+                    s += dg[a] * P0[a, i]
+                ynew[i] = s
+            for i in range(6):
+                s = 0.0
+                for j in range(6):
+                    s += Qg[i, j] * ynew[j]
+                deps_out[m, i] = s
+            # lab tangent Q K Q^T (W[:, :6] = K Q^T as scratch), symmetrised
             for i in range(6):
                 for j in range(6):
-                    K[i, j] = J[i, j]
-            inverse6(K, K, W)
-            converged = True
-            break
-        if it == max_local:
-            break
-        jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
-        for i in range(ny):
-            dy[i] = -r[i]
-        solve_in_place(J, dy, ny)
-        # backtracking line search on |r|^2 (the power law with n = 20 overshoots easily)
-        f0 = f
-        alpha = 1.0
-        for i in range(ny):
-            ynew[i] = y[i] + dy[i]
-        f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate, n_exp,
-                     q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
-        for _ in range(16):
-            if math.isfinite(f) and f <= (1.0 - 1e-4 * alpha) * f0:
-                break
-            alpha *= 0.5
-            for i in range(ny):
-                ynew[i] = y[i] + alpha * dy[i]
-            f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate,
-                         n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
-        for i in range(ny):
-            y[i] = ynew[i]
-    it_out[m] = iterations
-    conv_out[m] = converged
-    for k in range(nk):
-        shears_out[m, k] = y[6 + k]
-    for i in range(6):
-        s = 0.0
-        for j in range(6):
-            s += Qg[i, j] * y[j]
-        sig_out[m, i] = s
-    if converged:
-        for a in range(nsys):
-            xi_out[m, a] = xi[a]
-            dg_out[m, a] = dg[a]
-        # plastic strain increment, crystal frame (in ynew as scratch), then lab
-        for i in range(6):
-            s = 0.0
+                    s = 0.0
+                    for k in range(6):
+                        s += K[i, k] * Qg[j, k]
+                    W[i, j] = s
+            for i in range(6):
+                for j in range(6):
+                    s = 0.0
+                    for k in range(6):
+                        s += Qg[i, k] * W[k, j]
+                    K_out[m, i, j] = s
+            for i in range(6):
+                for j in range(i + 1, 6):
+                    s = 0.5 * (K_out[m, i, j] + K_out[m, j, i])
+                    K_out[m, i, j] = s
+                    K_out[m, j, i] = s
+        else:
             for a in range(nsys):
-                s += dg[a] * P0[a, i]
-            ynew[i] = s
-        for i in range(6):
-            s = 0.0
-            for j in range(6):
-                s += Qg[i, j] * ynew[j]
-            deps_out[m, i] = s
-        # lab tangent Q K Q^T (W[:, :6] = K Q^T as scratch), symmetrised
-        for i in range(6):
-            for j in range(6):
-                s = 0.0
-                for k in range(6):
-                    s += K[i, k] * Qg[j, k]
-                W[i, j] = s
-        for i in range(6):
-            for j in range(6):
-                s = 0.0
-                for k in range(6):
-                    s += Qg[i, k] * W[k, j]
-                K_out[m, i, j] = s
-        for i in range(6):
-            for j in range(i + 1, 6):
-                s = 0.5 * (K_out[m, i, j] + K_out[m, j, i])
-                K_out[m, i, j] = s
-                K_out[m, j, i] = s
-    else:
-        for a in range(nsys):
-            xi_out[m, a] = xin[a]
-            dg_out[m, a] = 0.0
-        for i in range(6):
-            deps_out[m, i] = 0.0
-            for j in range(6):
-                K_out[m, i, j] = 0.5 * (C[g, i, j] + C[g, j, i])
+                xi_out[m, a] = xin[a]
+                dg_out[m, a] = 0.0
+            for i in range(6):
+                deps_out[m, i] = 0.0
+                for j in range(6):
+                    K_out[m, i, j] = 0.5 * (C[g, i, j] + C[g, j, i])
 
 
 def _quarters(e: float) -> int:
