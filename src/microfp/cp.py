@@ -664,8 +664,10 @@ class Projection:
     """
 
     def __init__(self, n: int, mixed: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                 nyquist: str = "reduced") -> None:
+                 nyquist: str = "reduced", fused: bool = False) -> None:
         self.n = n
+        # fused: the Fourier-space step by microfp.cp_kernel.green (CPU float64), same values to round-off
+        self.fused = fused and torch.device(device).type == "cpu" and dtype == torch.float64
         k = torch.fft.fftfreq(n, d=1.0 / n, dtype=dtype, device=device)
         kz = torch.fft.rfftfreq(n, d=1.0 / n, dtype=dtype, device=device)
         kx, ky, kz = torch.meshgrid(k, k, kz, indexing="ij")
@@ -683,10 +685,18 @@ class Projection:
             mask[(kx.abs() == half) | (ky.abs() == half) | (kz.abs() == half)] = 0.0
         self.mask = mask
         self.mixed = mixed.to(device)
+        if self.fused:
+            self._np = [t.contiguous().numpy() for t in (*self.nv, mask)]
 
     def __call__(self, tau: torch.Tensor) -> torch.Tensor:
         n = self.n
         th = torch.fft.rfftn(tau, dim=(1, 2, 3))
+        if self.fused:
+            from microfp import cp_kernel
+
+            out = torch.from_numpy(cp_kernel.green(th.contiguous().numpy(), *self._np))
+            out[:, 0, 0, 0, :] = th[:, 0, 0, 0, :] * self.mixed
+            return torch.fft.irfftn(out, s=(n, n, n), dim=(1, 2, 3))
         v = [th[..., i] for i in range(6)]
         n1, n2, n3 = self.nv
         h = 1.0 / SQ2
@@ -943,6 +953,11 @@ class _Solver:
             Kf = K_a[go].reshape(-1, n, n, n, 6, 6)
 
             def apply_A(x: torch.Tensor) -> torch.Tensor:
+                if mat.kernel == "numba":  # one pass over the tangents (torch's einsum: a batched matmul)
+                    from microfp import cp_kernel
+
+                    Kx = cp_kernel.matvec(Kf.numpy().reshape(-1, 6, 6), x.contiguous().numpy().reshape(-1, 6))
+                    return proj(torch.from_numpy(Kx).reshape(x.shape))
                 return proj(torch.einsum("bxyzij,bxyzj->bxyzi", Kf, x))
 
             rn = torch.sqrt(_dot(res[go], res[go]))
@@ -994,7 +1009,8 @@ def solve(
         chunk=settings.voxel_chunk,
         kernel=settings.kernel,
     )
-    proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device, settings.nyquist)
+    proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device, settings.nyquist,
+                      fused=mat.kernel == "numba")
     results = [
         VEResult(strain=load.strains, stress_xx=np.full(load.increments + 1, np.nan), converged=True) for _ in range(B)
     ]

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 from numba import njit
 
-__all__ = ["first_call_seconds", "update_voxels"]
+__all__ = ["first_call_seconds", "green", "matvec", "update_voxels"]
 
 _FIRST_CALL: dict[str, float] = {}
 BLOCK = 256  # voxels per block of the parallel loop (one set of scratch arrays each)
@@ -438,6 +438,73 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                 deps_out[m, i] = 0.0
                 for j in range(6):
                     K_out[m, i, j] = 0.5 * (C[g, i, j] + C[g, j, i])
+
+
+@njit(parallel=True, **_OPTS)
+def _green(th, n1, n2, n3, mask, out):
+    """The Fourier-space step of ``cp.Projection``: ``th`` and ``out`` (B, n, n, m, 12) are complex (B, n, n, m, 6)
+    Mandel fields viewed as real and imaginary parts; ``n1, n2, n3`` the unit wave vector and ``mask`` (n, n, m).
+    ``out = (2 sym(T n) - n n^T (n.T n)) masked`` (Mandel), per mode, the real operator on both parts."""
+    B, nx, ny, nz = th.shape[0], th.shape[1], th.shape[2], th.shape[3]
+    h = 1.0 / math.sqrt(2.0)
+    for bx in numba.prange(B * nx):
+        b = bx // nx
+        x = bx % nx
+        for yy in range(ny):
+            for z in range(nz):
+                a1 = n1[x, yy, z]
+                a2 = n2[x, yy, z]
+                a3 = n3[x, yy, z]
+                mk = mask[x, yy, z]
+                for p in range(2):
+                    v0 = th[b, x, yy, z, p]
+                    v1 = th[b, x, yy, z, 2 + p]
+                    v2 = th[b, x, yy, z, 4 + p]
+                    v3 = h * th[b, x, yy, z, 6 + p]
+                    v4 = h * th[b, x, yy, z, 8 + p]
+                    v5 = h * th[b, x, yy, z, 10 + p]
+                    t0 = v0 * a1 + v5 * a2 + v4 * a3
+                    t1 = v5 * a1 + v1 * a2 + v3 * a3
+                    t2 = v4 * a1 + v3 * a2 + v2 * a3
+                    ntn = t0 * a1 + t1 * a2 + t2 * a3
+                    u0 = (2.0 * t0 - a1 * ntn) * mk
+                    u1 = (2.0 * t1 - a2 * ntn) * mk
+                    u2 = (2.0 * t2 - a3 * ntn) * mk
+                    out[b, x, yy, z, p] = a1 * u0
+                    out[b, x, yy, z, 2 + p] = a2 * u1
+                    out[b, x, yy, z, 4 + p] = a3 * u2
+                    out[b, x, yy, z, 6 + p] = h * (a2 * u2 + a3 * u1)
+                    out[b, x, yy, z, 8 + p] = h * (a1 * u2 + a3 * u0)
+                    out[b, x, yy, z, 10 + p] = h * (a1 * u1 + a2 * u0)
+
+
+@njit(parallel=True, **_OPTS)
+def _matvec(K, x, out):
+    """``out[m] = K[m] @ x[m]``: (M, 6, 6) by (M, 6)."""
+    M = K.shape[0]
+    nblocks = (M + BLOCK - 1) // BLOCK
+    for blk in numba.prange(nblocks):
+        for m in range(blk * BLOCK, min(M, (blk + 1) * BLOCK)):
+            for i in range(6):
+                s = 0.0
+                for j in range(6):
+                    s += K[m, i, j] * x[m, j]
+                out[m, i] = s
+
+
+def green(th: np.ndarray, n1: np.ndarray, n2: np.ndarray, n3: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Fourier-space step of the Galerkin projection (``cp.Projection``) on ``th`` (B, n, n, m, 6) complex128:
+    one pass instead of ~40 torch operations. Returns a new (B, n, n, m, 6) complex128 array."""
+    out = np.empty_like(th)
+    _green(th.view(np.float64), n1, n2, n3, mask, out.view(np.float64))
+    return out
+
+
+def matvec(K: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``K @ x`` per voxel: (M, 6, 6) and (M, 6) float64, Pa and strain; returns (M, 6)."""
+    out = np.empty((K.shape[0], 6))
+    _matvec(K, x, out)
+    return out
 
 
 def _quarters(e: float) -> int:
