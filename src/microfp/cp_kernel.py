@@ -86,6 +86,8 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
     ``Material._residual``; ``xs``, ``us`` (families,) scratch. Returns ``r . r``."""
     nsys = P0.shape[0]
     G = y[6]
+    # the stress in locals: the stores to dg, dgd, ... below might alias y for the compiler
+    y0, y1, y2, y3, y4, y5 = y[0], y[1], y[2], y[3], y[4], y[5]
     for f in range(first.shape[0]):
         xsn = xin[first[f]]
         rinf = 1.0 / xs_inf[f]  # (divisions are the slowest operations here: one per family, not six)
@@ -112,9 +114,7 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
             xi[a] = xin[a] + add
             u[a] = ut
     for a in range(nsys):
-        tau = 0.0
-        for j in range(6):
-            tau += y[j] * P0[a, j]
+        tau = (((((y0 * P0[a, 0]) + y1 * P0[a, 1]) + y2 * P0[a, 2]) + y3 * P0[a, 3]) + y4 * P0[a, 4]) + y5 * P0[a, 5]
         rxi = 1.0 / xi[a]
         ratio = tau * rxi
         if ratio > 1e3:
@@ -133,12 +133,17 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
         dgx[a] = -n_exp * g * rxi
     # sums over the systems with the outputs innermost: six independent chains of additions (in the
     # order a = 0, 1, ...) that the CPU overlaps, instead of one chain of 30 dependent additions each
-    for i in range(6):
-        acc[i] = 0.0
+    e0 = e1 = e2 = e3 = e4 = e5 = 0.0  # (accumulators in registers; zero terms skipped: twins at tau <= 0)
     for a in range(nsys):
         w = dg[a]
-        for i in range(6):
-            acc[i] += w * P0[a, i]
+        if w != 0.0:
+            e0 += w * P0[a, 0]
+            e1 += w * P0[a, 1]
+            e2 += w * P0[a, 2]
+            e3 += w * P0[a, 3]
+            e4 += w * P0[a, 4]
+            e5 += w * P0[a, 5]
+    acc[0], acc[1], acc[2], acc[3], acc[4], acc[5] = e0, e1, e2, e3, e4, e5
     for i in range(6):
         s = 0.0
         for j in range(6):
@@ -162,20 +167,70 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
 @njit(inline="always", **_OPTS)
 def stress_block(dgd, S0, PP, A, acc):
     """``A = S0 + sum_a dgd_a p_a p_a^T`` (6, 6), symmetric; ``PP`` (N_s, 21) holds the upper triangles of
-    ``p_a p_a^T`` row by row; ``acc`` (>= 21,) scratch."""
+    ``p_a p_a^T`` row by row. The 21 sums are locals (registers), in the order a = 0, 1, ...; terms with
+    ``dgd_a = 0`` (twins at tau <= 0) are skipped, which changes no bit. ``acc`` unused (signature)."""
     nsys = PP.shape[0]
-    for t in range(21):
-        acc[t] = 0.0
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = c12 = c13 = c14 = c15 = c16 = c17 = c18 = c19 = c20 = 0.0
     for a in range(nsys):
         w = dgd[a]
-        for t in range(21):
-            acc[t] += w * PP[a, t]
-    t = 0
-    for i in range(6):
-        for j in range(i, 6):
-            A[i, j] = S0[i, j] + acc[t]
-            A[j, i] = A[i, j]
-            t += 1
+        if w != 0.0:
+            c0 += w * PP[a, 0]
+            c1 += w * PP[a, 1]
+            c2 += w * PP[a, 2]
+            c3 += w * PP[a, 3]
+            c4 += w * PP[a, 4]
+            c5 += w * PP[a, 5]
+            c6 += w * PP[a, 6]
+            c7 += w * PP[a, 7]
+            c8 += w * PP[a, 8]
+            c9 += w * PP[a, 9]
+            c10 += w * PP[a, 10]
+            c11 += w * PP[a, 11]
+            c12 += w * PP[a, 12]
+            c13 += w * PP[a, 13]
+            c14 += w * PP[a, 14]
+            c15 += w * PP[a, 15]
+            c16 += w * PP[a, 16]
+            c17 += w * PP[a, 17]
+            c18 += w * PP[a, 18]
+            c19 += w * PP[a, 19]
+            c20 += w * PP[a, 20]
+    A[0, 0] = S0[0, 0] + c0
+    A[0, 1] = S0[0, 1] + c1
+    A[1, 0] = A[0, 1]
+    A[0, 2] = S0[0, 2] + c2
+    A[2, 0] = A[0, 2]
+    A[0, 3] = S0[0, 3] + c3
+    A[3, 0] = A[0, 3]
+    A[0, 4] = S0[0, 4] + c4
+    A[4, 0] = A[0, 4]
+    A[0, 5] = S0[0, 5] + c5
+    A[5, 0] = A[0, 5]
+    A[1, 1] = S0[1, 1] + c6
+    A[1, 2] = S0[1, 2] + c7
+    A[2, 1] = A[1, 2]
+    A[1, 3] = S0[1, 3] + c8
+    A[3, 1] = A[1, 3]
+    A[1, 4] = S0[1, 4] + c9
+    A[4, 1] = A[1, 4]
+    A[1, 5] = S0[1, 5] + c10
+    A[5, 1] = A[1, 5]
+    A[2, 2] = S0[2, 2] + c11
+    A[2, 3] = S0[2, 3] + c12
+    A[3, 2] = A[2, 3]
+    A[2, 4] = S0[2, 4] + c13
+    A[4, 2] = A[2, 4]
+    A[2, 5] = S0[2, 5] + c14
+    A[5, 2] = A[2, 5]
+    A[3, 3] = S0[3, 3] + c15
+    A[3, 4] = S0[3, 4] + c16
+    A[4, 3] = A[3, 4]
+    A[3, 5] = S0[3, 5] + c17
+    A[5, 3] = A[3, 5]
+    A[4, 4] = S0[4, 4] + c18
+    A[4, 5] = S0[4, 5] + c19
+    A[5, 4] = A[4, 5]
+    A[5, 5] = S0[5, 5] + c20
 
 
 @njit(inline="always", **_OPTS)
