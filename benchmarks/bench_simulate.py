@@ -82,6 +82,9 @@ def solver_at(rev: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules["cp_ref"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
+    # the commit whose source was loaded (a branch may move while the benchmark runs)
+    module.COMMIT = subprocess.run(["git", "rev-parse", "--short", rev], cwd=root, capture_output=True,
+                                   text=True).stdout.strip()
     return module
 
 
@@ -91,9 +94,7 @@ def compare(module, rev, g, eulers, load, args, entry, res_b):
     wall, cpu, res = timed(g, eulers, module.Load(strain=load.strain, rate=load.rate, increments=load.increments),
                            settings, module)
     n = len(eulers)
-    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True).stdout.strip()
-    entry["ref"] = {"rev": rev, "commit": commit, "batched_s_per_ve": wall / n, "cpu_s_per_ve": cpu / n,
+    entry["ref"] = {"rev": rev, "commit": module.COMMIT, "batched_s_per_ve": wall / n, "cpu_s_per_ve": cpu / n,
                     "final_mpa": [float(r.stress_xx[-1] / 1e6) for r in res],
                     "newton": [r.newton_iterations for r in res]}
     entry["speedup_vs_ref"] = entry["ref"]["batched_s_per_ve"] / entry["batched_s_per_ve"]
