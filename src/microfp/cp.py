@@ -53,6 +53,9 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   (:func:`cauchy_xx`, ``SolverSettings.stress_measure="cauchy"``; ``"small"``: the small-strain stress,
   solver v3 and before). DAMASK drives slip with the lattice-frame 2nd Piola-Kirchhoff stress S, the
   small-strain stress's counterpart, and its Cauchy stress exceeds it by ~0.3-0.5 % once grains flow.
+* Implementation: on a CPU in float64 the voxel update, the projection's Fourier-space step and the
+  tangent product run as fused numba kernels (:mod:`microfp.cp_kernel`, ``SolverSettings.kernel``): the
+  same steps as the torch code here, so the same curves to round-off; torch on GPUs and in float32.
 * Precision: float64 by default; float32 (``SolverSettings.dtype``) halves the memory traffic, which
   bounds the voxel update, and gives the same curves to the equilibrium tolerance (tests).
 

@@ -5,10 +5,11 @@ Why a hand-written kernel: the local Newton of :mod:`microfp.cp` solves an 8x8 (
 nonlinear system per voxel, and in torch each of its steps is a pass over (m, N_s) tensors (flow law,
 resistances, the (m, 30) x (30, 36) Jacobian product, index copies of the voxels still iterating, a
 batched 8x8 solve, a 6x6 inverse, the rotation of the tangent): about 80 % of the solver's CPU time
-went into moving those temporaries through memory. No library fuses a per-voxel Newton with line
+went into those passes. No library fuses a per-voxel Newton with line
 search like this (torch.compile compiled for 45 s and was not faster), so this module does the same
 arithmetic for one voxel at a time, in registers and a few small scratch arrays, in one compiled
-loop over the voxels.
+loop over the voxels. Also here: the Fourier-space step of the Galerkin projection (:func:`green`) and the
+per-voxel tangent product of CG (:func:`matvec`), one pass each instead of dozens of torch operations.
 
 Same equations, same order of the steps and the same tests as the torch path (``Material._local``):
 crystal-frame unknowns ``y = (sigma, Gamma[, Gamma_tw])``, resistances by three Newton steps of the
