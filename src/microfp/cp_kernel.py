@@ -244,40 +244,84 @@ def jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc):
     """
     nsys = P0.shape[0]
     stress_block(dgd, S0, PP, J, acc)
-    for t in range(24):
-        acc[t] = 0.0
+    # sums over the systems in local accumulators (registers), in the order a = 0, 1, ...
+    p0 = p1 = p2 = p3 = p4 = p5 = q0 = q1 = q2 = q3 = q4 = q5 = 0.0
     s66 = 0.0
     for a in range(ns):
         c0 = dgx[a] * u[a]
         sg = math.copysign(1.0, dg[a]) if dg[a] != 0.0 else 0.0
         w = sg * dgd[a]
         s66 += sg * c0
-        for i in range(6):
-            acc[i] += c0 * P0[a, i]
-            acc[6 + i] += w * P0[a, i]
+        p0 += c0 * P0[a, 0]
+        p1 += c0 * P0[a, 1]
+        p2 += c0 * P0[a, 2]
+        p3 += c0 * P0[a, 3]
+        p4 += c0 * P0[a, 4]
+        p5 += c0 * P0[a, 5]
+        q0 += w * P0[a, 0]
+        q1 += w * P0[a, 1]
+        q2 += w * P0[a, 2]
+        q3 += w * P0[a, 3]
+        q4 += w * P0[a, 4]
+        q5 += w * P0[a, 5]
     J[6, 6] = 1.0 - s66
     if nk == 2:
+        t0 = t1 = t2 = t3 = t4 = t5 = d0 = d1 = d2 = d3 = d4 = d5 = 0.0
         s76 = 0.0
         s77 = 0.0
         for a in range(ns, nsys):
+            w = dgd[a]
+            if w == 0.0:  # a twin at tau <= 0: dg, dgd and dgx are all zero (skipping changes no bit)
+                continue
             c0 = dgx[a] * u[a]
             c1 = dgx[a] * h_tw_tw
-            w = dgd[a]
             s76 += c0
             s77 += c1
-            for i in range(6):
-                acc[i] += c0 * P0[a, i]
-                acc[12 + i] += c1 * P0[a, i]
-                acc[18 + i] += w * P0[a, i]
+            p0 += c0 * P0[a, 0]
+            p1 += c0 * P0[a, 1]
+            p2 += c0 * P0[a, 2]
+            p3 += c0 * P0[a, 3]
+            p4 += c0 * P0[a, 4]
+            p5 += c0 * P0[a, 5]
+            t0 += c1 * P0[a, 0]
+            t1 += c1 * P0[a, 1]
+            t2 += c1 * P0[a, 2]
+            t3 += c1 * P0[a, 3]
+            t4 += c1 * P0[a, 4]
+            t5 += c1 * P0[a, 5]
+            d0 += w * P0[a, 0]
+            d1 += w * P0[a, 1]
+            d2 += w * P0[a, 2]
+            d3 += w * P0[a, 3]
+            d4 += w * P0[a, 4]
+            d5 += w * P0[a, 5]
         J[6, 7] = 0.0
         J[7, 6] = -s76
         J[7, 7] = 1.0 - s77
-        for i in range(6):
-            J[i, 7] = acc[12 + i]
-            J[7, i] = -acc[18 + i]
-    for i in range(6):
-        J[i, 6] = acc[i]
-        J[6, i] = -acc[6 + i]
+        J[0, 7] = t0
+        J[7, 0] = -d0
+        J[1, 7] = t1
+        J[7, 1] = -d1
+        J[2, 7] = t2
+        J[7, 2] = -d2
+        J[3, 7] = t3
+        J[7, 3] = -d3
+        J[4, 7] = t4
+        J[7, 4] = -d4
+        J[5, 7] = t5
+        J[7, 5] = -d5
+    J[0, 6] = p0
+    J[6, 0] = -q0
+    J[1, 6] = p1
+    J[6, 1] = -q1
+    J[2, 6] = p2
+    J[6, 2] = -q2
+    J[3, 6] = p3
+    J[6, 3] = -q3
+    J[4, 6] = p4
+    J[6, 4] = -q4
+    J[5, 6] = p5
+    J[6, 5] = -q5
 
 
 @njit(inline="always", **_OPTS)
