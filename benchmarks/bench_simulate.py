@@ -21,6 +21,10 @@ largest relative difference of the sigma_xx curves:
 
     python benchmarks/bench_simulate.py --sizes 16 64 --n 8 1 --threads 1 --no-unbatched --compare-ref main
 
+On a CPU in float64 the local update is the fused numba kernel (``microfp.cp_kernel``; ``--kernel torch``
+times the torch one); its first call in a process compiles it (~1 min) or loads it from numba's cache
+next to the source (~1 s): timed apart (``kernel_first_call_s``), before the runs.
+
 On a machine shared with other jobs the wall time of a multi-threaded torch run swings several-fold;
 ``cpu_s_per_ve`` (process CPU time over all threads, core-seconds) is steadier.
 """
@@ -78,6 +82,9 @@ def solver_at(rev: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules["cp_ref"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
+    # the commit whose source was loaded (a branch may move while the benchmark runs)
+    module.COMMIT = subprocess.run(["git", "rev-parse", "--short", rev], cwd=root, capture_output=True,
+                                   text=True).stdout.strip()
     return module
 
 
@@ -87,9 +94,7 @@ def compare(module, rev, g, eulers, load, args, entry, res_b):
     wall, cpu, res = timed(g, eulers, module.Load(strain=load.strain, rate=load.rate, increments=load.increments),
                            settings, module)
     n = len(eulers)
-    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True).stdout.strip()
-    entry["ref"] = {"rev": rev, "commit": commit, "batched_s_per_ve": wall / n, "cpu_s_per_ve": cpu / n,
+    entry["ref"] = {"rev": rev, "commit": module.COMMIT, "batched_s_per_ve": wall / n, "cpu_s_per_ve": cpu / n,
                     "final_mpa": [float(r.stress_xx[-1] / 1e6) for r in res],
                     "newton": [r.newton_iterations for r in res]}
     entry["speedup_vs_ref"] = entry["ref"]["batched_s_per_ve"] / entry["batched_s_per_ve"]
@@ -114,17 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--float32", action="store_true", help="also time float32 (batched) in the same run")
     ap.add_argument("--refine", action="store_true", help="grid refinement 16 -> 32 (-> 64) of one geometry")
     ap.add_argument("--compare-ref", metavar="REV", help="also run the solver of git revision REV (same run)")
+    ap.add_argument("--kernel", default="auto", choices=list(cp.KERNELS),
+                    help="local update: numba (fused CPU kernel), torch, auto (numba on CPU float64)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     ref_module = solver_at(args.compare_ref) if args.compare_ref else None
     torch.set_num_threads(args.threads)
     load = cp.Load(strain=0.01, rate=1e-3, increments=args.increments)
-    settings = cp.SolverSettings(device=args.device, dtype=args.dtype)
+    settings = cp.SolverSettings(device=args.device, dtype=args.dtype, kernel=args.kernel)
+    kernel = cp.Material([np.zeros((1, 3))], dtype=getattr(torch, args.dtype), device=args.device, kernel=args.kernel).kernel
     head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True).stdout.strip()
     report: dict = {"rev": head, "compare_ref": args.compare_ref, "threads": args.threads, "device": args.device, "dtype": args.dtype,
-                    "increments": args.increments, "sizes": {}}
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.device}, {args.dtype}, {args.increments} increments")
+                    "increments": args.increments, "kernel": kernel, "sizes": {}}
+    if kernel == "numba":
+        # the first call compiles the kernel, or loads it from numba's on-disk cache: timed apart, not in the runs
+        start = time.perf_counter()
+        cp.solve(np.zeros((1, 4, 4, 4), np.uint16), [np.zeros((1, 3))], cp.Load(strain=0.002, increments=1), settings)
+        report["kernel_first_call_s"] = time.perf_counter() - start
+        print(f"numba kernel: first solve (compile or cache load) {report['kernel_first_call_s']:.1f} s", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.device}, {args.dtype}, {args.increments} increments, "
+          f"{kernel} local update")
     if len(args.n) not in (1, len(args.sizes)):
         ap.error("--n takes one number or one per size")
     for size, n_ves in zip(args.sizes, args.n * len(args.sizes) if len(args.n) == 1 else args.n):

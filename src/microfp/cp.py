@@ -53,6 +53,9 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   (:func:`cauchy_xx`, ``SolverSettings.stress_measure="cauchy"``; ``"small"``: the small-strain stress,
   solver v3 and before). DAMASK drives slip with the lattice-frame 2nd Piola-Kirchhoff stress S, the
   small-strain stress's counterpart, and its Cauchy stress exceeds it by ~0.3-0.5 % once grains flow.
+* Implementation: on a CPU in float64 the voxel update, the projection's Fourier-space step and the
+  tangent product run as fused numba kernels (:mod:`microfp.cp_kernel`, ``SolverSettings.kernel``): the
+  same steps as the torch code here, so the same curves to round-off; torch on GPUs and in float32.
 * Precision: float64 by default; float32 (``SolverSettings.dtype``) halves the memory traffic, which
   bounds the voxel update, and gives the same curves to the equilibrium tolerance (tests).
 
@@ -323,6 +326,7 @@ class Material:
         local_tol: float | None = None,
         max_local: int = 60,
         chunk: int = 0,
+        kernel: str = "auto",
     ) -> None:
         self.p, self.elastic, self.twinning = p, elastic, twinning and not elastic
         self.dtype, self.device = dtype, torch.device(device)
@@ -363,6 +367,13 @@ class Material:
         self.local_rtol = 0.0 if dtype == torch.float64 else 1e-5
         self.max_local = max_local
         self.chunk = chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
+        self.kernel = _choose_kernel(kernel, self.device, dtype)
+        if self.kernel == "numba":
+            # numpy copies of the constants the fused kernel reads (microfp.cp_kernel)
+            self._np = {
+                "S0": crystal["S"][0], "P0": crystal["P"][0], "first": first, "family": np.searchsorted(family[first], family),
+                "xs_inf": self.xi_inf[self.slip_first].cpu().numpy(), "Q": self.Q.cpu().numpy(), "C": self.C.cpu().numpy(),
+            }
 
     # -- setup -----------------------------------------------------------------------------------
     def voxel_grains(self, grain_ids: np.ndarray) -> torch.Tensor:
@@ -550,6 +561,8 @@ class Material:
             return sig.reshape(B, V, 6), Cg.reshape(B, V, 6, 6), state_n, shears_guess.clone(), ok, 1
         M = B * V
         target = (eps - state_n.eps_p).reshape(M, 6)
+        if self.kernel == "numba":
+            return self._update_fused(g, target, state_n, sig_guess, shears_guess, dt)
         if self.n_twin:
             frac = (state_n.gamma_tw / self.gamma_char).sum(-1).reshape(M, 1)
             tf = (1.0 - frac).clamp(min=0.0)
@@ -577,6 +590,64 @@ class Material:
         return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, shears.reshape(B, V, -1), ok, most
 
 
+    def _update_fused(self, g: torch.Tensor, target: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
+                      shears_guess: torch.Tensor, dt: float):
+        """:meth:`update` by the fused per-voxel kernel (:mod:`microfp.cp_kernel`, CPU, float64): the same
+        local Newton as :meth:`_local`, one voxel at a time; same results to round-off."""
+        from microfp import cp_kernel
+
+        import numba
+
+        B, V = state_n.eps_p.shape[:2]
+        M = B * V
+        p, c = self.p, self._np
+        gamma_tw = state_n.gamma_tw.reshape(M, -1)
+        if self.n_twin:
+            tf = (1.0 - (state_n.gamma_tw / self.gamma_char).sum(-1)).clamp(min=0.0).reshape(M)
+        else:
+            tf = torch.ones(M, dtype=self.dtype)
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        out = cp_kernel.update_voxels(
+            g.numpy(), c["Q"], c["C"], target.numpy(), state_n.xi.reshape(M, -1).numpy(), tf.numpy(),
+            state_n.gamma_sl.reshape(M).numpy(), sig_guess.reshape(M, 6).numpy(), shears_guess.reshape(M, -1).numpy(),
+            S0=c["S0"], P0=c["P0"], n_slip=self.n_slip, first=c["first"], family=c["family"], xs_inf=c["xs_inf"],
+            rate=dt * p.dot_gamma_0, n=p.n, a_sl=p.a_sl, h_0_sl_sl=p.h_0_sl_sl, h_0_tw_sl=p.h_0_tw_sl,
+            h_0_tw_tw=p.h_0_tw_tw, tol_abs=self.local_tol, tol_rel=self.local_rtol, max_local=self.max_local,
+        )
+        t = {k: torch.from_numpy(v) for k, v in out.items()}
+        eps_p = state_n.eps_p.reshape(M, 6) + t["deps_p"]
+        if self.n_twin:
+            gamma_tw = gamma_tw + t["dg"][:, self.n_slip :]
+        gamma_sl = state_n.gamma_sl.reshape(M, 1) + t["shears"][:, :1]
+        new_state = State(eps_p.reshape(B, V, 6), t["xi"].reshape(B, V, -1), gamma_tw.reshape(B, V, -1),
+                          gamma_sl.reshape(B, V, 1))
+        ok = t["converged"].reshape(B, V).all(dim=1)
+        return (t["sig"].reshape(B, V, 6), t["K"].reshape(B, V, 6, 6), new_state, t["shears"].reshape(B, V, -1), ok,
+                int(out["iterations"].max(initial=0)))
+
+
+KERNELS = ("auto", "numba", "torch")
+
+
+def _choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The local update's implementation: ``"numba"`` (the fused CPU kernel, float64) or ``"torch"``.
+    ``"auto"``: numba on a CPU in float64 when numba imports, else torch."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    fits = device.type == "cpu" and dtype == torch.float64
+    if kernel == "numba" and not fits:
+        raise ValueError(f"the numba kernel runs on the CPU in float64 only (got {device.type}, {dtype})")
+    if kernel == "torch" or not fits:
+        return "torch"
+    try:
+        import microfp.cp_kernel  # noqa: F401
+    except ImportError:
+        if kernel == "numba":
+            raise ValueError("kernel 'numba' needs the numba package (pip install numba)") from None
+        return "torch"
+    return "numba"
+
+
 # --------------------------------------------------------------------------------------------------
 # the Galerkin projection with mixed boundary conditions
 
@@ -596,8 +667,10 @@ class Projection:
     """
 
     def __init__(self, n: int, mixed: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                 nyquist: str = "reduced") -> None:
+                 nyquist: str = "reduced", fused: bool = False) -> None:
         self.n = n
+        # fused: the Fourier-space step by microfp.cp_kernel.green (CPU float64), same values to round-off
+        self.fused = fused and torch.device(device).type == "cpu" and dtype == torch.float64
         k = torch.fft.fftfreq(n, d=1.0 / n, dtype=dtype, device=device)
         kz = torch.fft.rfftfreq(n, d=1.0 / n, dtype=dtype, device=device)
         kx, ky, kz = torch.meshgrid(k, k, kz, indexing="ij")
@@ -615,10 +688,18 @@ class Projection:
             mask[(kx.abs() == half) | (ky.abs() == half) | (kz.abs() == half)] = 0.0
         self.mask = mask
         self.mixed = mixed.to(device)
+        if self.fused:
+            self._np = [t.contiguous().numpy() for t in (*self.nv, mask)]
 
     def __call__(self, tau: torch.Tensor) -> torch.Tensor:
         n = self.n
         th = torch.fft.rfftn(tau, dim=(1, 2, 3))
+        if self.fused:
+            from microfp import cp_kernel
+
+            out = torch.from_numpy(cp_kernel.green(th.contiguous().numpy(), *self._np))
+            out[:, 0, 0, 0, :] = th[:, 0, 0, 0, :] * self.mixed
+            return torch.fft.irfftn(out, s=(n, n, n), dim=(1, 2, 3))
         v = [th[..., i] for i in range(6)]
         n1, n2, n3 = self.nv
         h = 1.0 / SQ2
@@ -692,6 +773,7 @@ class SolverSettings:
     voxel_chunk: int = 0  # voxels per local-update call; 0: CPU_CHUNK on CPUs, GPU_CHUNK on GPUs
     nyquist: str = "reduced"  # even grids: "reduced" (DAMASK's) or "drop" (solver v3); see Projection
     stress_measure: str = "cauchy"  # reported sigma_xx: "cauchy" (first order in eps_e, as DAMASK's) or "small"
+    kernel: str = "auto"  # local update: "numba" (fused CPU kernel, float64), "torch", "auto" (numba where it runs)
 
 
 @dataclass
@@ -874,6 +956,11 @@ class _Solver:
             Kf = K_a[go].reshape(-1, n, n, n, 6, 6)
 
             def apply_A(x: torch.Tensor) -> torch.Tensor:
+                if mat.kernel == "numba":  # one pass over the tangents (torch's einsum: a batched matmul)
+                    from microfp import cp_kernel
+
+                    Kx = cp_kernel.matvec(Kf.numpy().reshape(-1, 6, 6), x.contiguous().numpy().reshape(-1, 6))
+                    return proj(torch.from_numpy(Kx).reshape(x.shape))
                 return proj(torch.einsum("bxyzij,bxyzj->bxyzi", Kf, x))
 
             rn = torch.sqrt(_dot(res[go], res[go]))
@@ -923,8 +1010,10 @@ def solve(
         dtype=dtype,
         device=device,
         chunk=settings.voxel_chunk,
+        kernel=settings.kernel,
     )
-    proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device, settings.nyquist)
+    proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device, settings.nyquist,
+                      fused=mat.kernel == "numba")
     results = [
         VEResult(strain=load.strains, stress_xx=np.full(load.increments + 1, np.nan), converged=True) for _ in range(B)
     ]
