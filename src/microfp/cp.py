@@ -367,7 +367,7 @@ class Material:
         self.local_rtol = 0.0 if dtype == torch.float64 else 1e-5
         self.max_local = max_local
         self.chunk = chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
-        self.kernel = _choose_kernel(kernel, self.device, dtype)
+        self.kernel = choose_kernel(kernel, self.device, dtype)
         if self.kernel == "numba":
             # numpy copies of the constants the fused kernel reads (microfp.cp_kernel)
             self._np = {
@@ -629,7 +629,7 @@ class Material:
 KERNELS = ("auto", "numba", "torch")
 
 
-def _choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
     """The local update's implementation: ``"numba"`` (the fused CPU kernel, float64) or ``"torch"``.
     ``"auto"``: numba on a CPU in float64 when numba imports, else torch."""
     if kernel not in KERNELS:

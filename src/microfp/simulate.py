@@ -65,12 +65,19 @@ class SimulateError(MicrofpError):
 
 
 def sim_config(sp: SimulateParams) -> dict[str, Any]:
-    """Everything that changes a VE's curve (hashed into the resume key)."""
+    """Everything that changes a VE's curve (hashed into the resume key), down to the last bit: the
+    device type and the local update's implementation (numba or torch agree to round-off, not bits)."""
+    import torch
+
     from microfp import cp
 
+    device = resolve_device(sp.device)
+    dtype = torch.float64 if sp.dtype == "float64" else torch.float32
     return {
         "backend": sp.backend,
         "solver": SOLVER_VERSION if sp.backend == "spectral" else DAMASK_VERSION,
+        "device": torch.device(device).type,
+        "kernel": cp.choose_kernel("auto", torch.device(device), dtype) if sp.backend == "spectral" else None,
         "strain": sp.strain,
         "strain_rate": sp.strain_rate,
         "increments": sp.increments,
