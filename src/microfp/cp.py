@@ -327,7 +327,11 @@ class Material:
         max_local: int = 60,
         chunk: int = 0,
         kernel: str = "auto",
+        tangent: str = "consistent",
     ) -> None:
+        if tangent not in TANGENTS:
+            raise ValueError(f"tangent must be one of {', '.join(TANGENTS)}, got {tangent!r}")
+        self.tangent = tangent
         self.p, self.elastic, self.twinning = p, elastic, twinning and not elastic
         self.dtype, self.device = dtype, torch.device(device)
         self.offsets = np.cumsum([0] + [len(e) for e in eulers])
@@ -491,7 +495,8 @@ class Material:
         Qa = Q  # Qa shrinks to the unconverged voxels below
         y = torch.cat([_rotate(sig, Q, inverse=True), shears], dim=1)
         out = {"y": y.clone(), "dg": torch.zeros_like(xi_n), "xi": xi_n.clone(),
-               "K": torch.empty(m, 6, 6, dtype=self.dtype, device=self.device)}
+               "K": torch.empty(m, 6, 6, dtype=self.dtype, device=self.device),
+               "M": torch.zeros(m, y.shape[1] - 6, 6, dtype=self.dtype, device=self.device)}
         converged = torch.zeros(m, dtype=torch.bool, device=self.device)
         active = torch.arange(m, device=self.device)
         tgt, xin, tfa = _rotate(target, Q, inverse=True), xi_n, hist
@@ -506,7 +511,7 @@ class Material:
                 d = done.nonzero().squeeze(-1)
                 idx = active[d]
                 out["y"][idx], out["dg"][idx], out["xi"][idx] = y[d], dg[d], xi[d]
-                out["K"][idx] = torch.linalg.inv(J[d, :6, :6])
+                out["K"][idx], out["M"][idx] = self._tangent(J[d])
                 converged[idx] = True
             if done.all() or it == self.max_local:
                 break
@@ -537,10 +542,29 @@ class Material:
         sig = _rotate(out["y"][:, :6], Q)
         deps_p = _rotate(out["dg"] @ self.P0, Q)
         K = Q @ out["K"] @ Q.transpose(1, 2)
+        M = out["M"] @ Q.transpose(1, 2)
         if not bool(converged.all()):
             bad = ~converged
             K[bad] = self.C[g[bad]]
-        return sig, out["dg"], deps_p, out["xi"], out["y"][:, 6:], K, converged, iterations
+            M[bad] = 0.0
+        return sig, out["dg"], deps_p, out["xi"], out["y"][:, 6:], K, converged, iterations, M
+
+    def _tangent(self, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crystal-frame tangent (m, 6, 6) and shear sensitivities (m, k, 6) of converged voxels with local
+        Jacobians ``J`` (m, 6 + k, 6 + k). ``"consistent"``: the blocks of ``J^-1`` (d sigma / d eps and
+        d shears / d eps of the fully implicit update, hardening included), the first symmetrised, where that
+        is positive definite; elsewhere, and with ``"fixed"``, ``(S + sum_a dgd_a p_a p_a^T)^-1`` and no
+        shear sensitivities."""
+        fixed = torch.linalg.inv(J[:, :6, :6])
+        zero = J.new_zeros(J.shape[0], J.shape[1] - 6, 6)
+        if self.tangent != "consistent":
+            return fixed, zero
+        Ji, info = torch.linalg.inv_ex(J)
+        K = Ji[:, :6, :6]
+        K = 0.5 * (K + K.transpose(1, 2))
+        good = (info == 0) & torch.isfinite(Ji).all(dim=(1, 2))
+        good &= torch.linalg.cholesky_ex(torch.where(good[:, None, None], K, fixed))[1] == 0
+        return torch.where(good[:, None, None], K, fixed), torch.where(good[:, None, None], Ji[:, 6:, :6], zero)
 
     def update(self, gid: torch.Tensor, eps: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
                shears_guess: torch.Tensor, dt: float):
@@ -549,8 +573,10 @@ class Material:
         ``sig_guess`` (B, V, 6) and ``shears_guess`` (B, V, k) start the local Newton iterations (k = 2
         with twins: Gamma and Gamma_tw, else 1). Returns ``(sig, K, state, shears, ok, iterations)``:
         stress (B, V, 6), tangent (B, V, 6, 6) at fixed resistances, the new state, the shears of the
-        increment (B, V, k), (B,) bool whether the local Newton converged in every voxel of each VE, and
-        the most local Newton iterations.
+        increment (B, V, k), (B,) bool whether the local Newton converged in every voxel of each VE, the
+        most local Newton iterations, and the shears' sensitivities d shears / d eps (B, V, k, 6), lab frame
+        (zero with ``tangent="fixed"``, in voxels that did not converge and in elastic ones), which with the
+        tangent predict the local update at a nearby strain.
         """
         B, V = gid.shape
         g = gid.reshape(-1)
@@ -558,7 +584,8 @@ class Material:
             Cg = self.C[g]
             sig = torch.einsum("mde,me->md", Cg, (eps - state_n.eps_p).reshape(-1, 6))
             ok = torch.ones(B, dtype=torch.bool, device=self.device)
-            return sig.reshape(B, V, 6), Cg.reshape(B, V, 6, 6), state_n, shears_guess.clone(), ok, 1
+            M = torch.zeros(B, V, shears_guess.shape[-1], 6, dtype=self.dtype, device=self.device)
+            return sig.reshape(B, V, 6), Cg.reshape(B, V, 6, 6), state_n, shears_guess.clone(), ok, 1, M
         M = B * V
         target = (eps - state_n.eps_p).reshape(M, 6)
         if self.kernel == "numba":
@@ -577,7 +604,7 @@ class Material:
             self._local(g[c], target[c], xi_n[c], hist[c], sig_guess[c], shears_guess[c], dt)
             for c in (slice(i, i + self.chunk) for i in range(0, M, self.chunk))
         ]
-        sig, dg, deps_p, xi, shears, K, conv = (torch.cat([c[k] for c in chunks]) for k in range(7))
+        sig, dg, deps_p, xi, shears, K, conv, dsh = (torch.cat([c[k] for c in chunks]) for k in (0, 1, 2, 3, 4, 5, 6, 8))
         most = max(c[7] for c in chunks)
         ok = conv.reshape(B, V).all(dim=1)
         eps_p = state_n.eps_p.reshape(M, 6) + deps_p
@@ -587,7 +614,7 @@ class Material:
         gamma_sl = state_n.gamma_sl + shears[:, :1].reshape(B, V, 1)
         new_state = State(eps_p.reshape(B, V, 6), xi.reshape(B, V, -1), gamma_tw, gamma_sl)
         K = 0.5 * (K + K.transpose(-1, -2))
-        return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, shears.reshape(B, V, -1), ok, most
+        return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, shears.reshape(B, V, -1), ok, most, dsh.reshape(B, V, -1, 6)
 
 
     def _update_fused(self, g: torch.Tensor, target: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
@@ -613,6 +640,7 @@ class Material:
             S0=c["S0"], P0=c["P0"], n_slip=self.n_slip, first=c["first"], family=c["family"], xs_inf=c["xs_inf"],
             rate=dt * p.dot_gamma_0, n=p.n, a_sl=p.a_sl, h_0_sl_sl=p.h_0_sl_sl, h_0_tw_sl=p.h_0_tw_sl,
             h_0_tw_tw=p.h_0_tw_tw, tol_abs=self.local_tol, tol_rel=self.local_rtol, max_local=self.max_local,
+            consistent=self.tangent == "consistent",
         )
         t = {k: torch.from_numpy(v) for k, v in out.items()}
         eps_p = state_n.eps_p.reshape(M, 6) + t["deps_p"]
@@ -623,10 +651,11 @@ class Material:
                           gamma_sl.reshape(B, V, 1))
         ok = t["converged"].reshape(B, V).all(dim=1)
         return (t["sig"].reshape(B, V, 6), t["K"].reshape(B, V, 6, 6), new_state, t["shears"].reshape(B, V, -1), ok,
-                int(out["iterations"].max(initial=0)))
+                int(out["iterations"].max(initial=0)), t["M"].reshape(B, V, -1, 6))
 
 
 KERNELS = ("auto", "numba", "torch")
+TANGENTS = ("consistent", "fixed")
 
 
 def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -774,6 +803,7 @@ class SolverSettings:
     nyquist: str = "reduced"  # even grids: "reduced" (DAMASK's) or "drop" (solver v3); see Projection
     stress_measure: str = "cauchy"  # reported sigma_xx: "cauchy" (first order in eps_e, as DAMASK's) or "small"
     kernel: str = "auto"  # local update: "numba" (fused CPU kernel, float64), "torch", "auto" (numba where it runs)
+    tangent: str = "consistent"  # CG's tangent: "consistent" (hardening included, symmetrised) or "fixed" (v4)
 
 
 @dataclass
@@ -851,13 +881,14 @@ class _Batch:
     state: State
     rate: torch.Tensor  # (B, V, 6) strain rate of the last increment (extrapolates the next one)
     shear_rate: torch.Tensor  # (B, V, k) accumulated shear rates of the last increment (the same)
+    sig_rate: torch.Tensor  # (B, V, 6) stress rate of the last increment (first guess of the local updates)
 
     def select(self, keep: torch.Tensor) -> "_Batch":
         """The members where ``keep`` (B,) bool is true."""
         idx = keep.nonzero().squeeze(-1)
         return _Batch(
             [self.ids[i] for i in idx.tolist()], self.gid[idx], self.eps[idx], self.sig[idx],
-            self.state.select(idx), self.rate[idx], self.shear_rate[idx],
+            self.state.select(idx), self.rate[idx], self.shear_rate[idx], self.sig_rate[idx],
         )
 
     @staticmethod
@@ -873,6 +904,7 @@ class _Batch:
             State(*(torch.cat([getattr(p.state, f) for p in parts]) for f in State.FIELDS)),
             torch.cat([p.rate for p in parts]),
             torch.cat([p.shear_rate for p in parts]),
+            torch.cat([p.sig_rate for p in parts]),
         )
 
 
@@ -916,7 +948,8 @@ class _Solver:
         dt = t1 - t0
         eps = batch.eps + batch.rate * dt
         eps[..., 0] += self.load.rate * t1 - eps[..., 0].mean(dim=1, keepdim=True)
-        sig, xi, shears = batch.sig.clone(), batch.state.xi.clone(), batch.shear_rate * dt
+        # first guesses: the strain, stress and shear rates of the last increment, extrapolated
+        sig, xi, shears = batch.sig + batch.sig_rate * dt, batch.state.xi.clone(), batch.shear_rate * dt
         eps_p, gamma_tw, gamma_sl = batch.state.eps_p.clone(), batch.state.gamma_tw.clone(), batch.state.gamma_sl.clone()
         conv = torch.zeros(B, dtype=torch.bool, device=eps.device)
         bad = torch.zeros_like(conv)
@@ -931,7 +964,7 @@ class _Solver:
             def part(x: torch.Tensor) -> torch.Tensor:
                 return x if whole else x[act]
 
-            s_a, K_a, new, shears_a, ok_a, _ = mat.update(
+            s_a, K_a, new, shears_a, ok_a, _, M_a = mat.update(
                 part(batch.gid), part(eps), batch.state if whole else batch.state.select(act), part(sig), part(shears), dt
             )
             sig[act], xi[act], eps_p[act], shears[act], gamma_sl[act] = s_a, new.xi, new.eps_p, shears_a, new.gamma_sl
@@ -969,14 +1002,25 @@ class _Solver:
             members = act[go]
             for b in members.tolist():
                 self.results[batch.ids[b]].cg_iterations += cg_it
-            eps[members] += d.reshape(-1, V, 6)
+            d = d.reshape(-1, V, 6)
+            eps[members] += d
+            # the next local updates start from the linearised response to the step (stress and shears)
+            if mat.kernel == "numba":
+                from microfp import cp_kernel
+
+                Kd = torch.from_numpy(cp_kernel.matvec(Kf.numpy().reshape(-1, 6, 6), d.contiguous().numpy().reshape(-1, 6)))
+            else:
+                Kd = torch.einsum("bvij,bvj->bvi", K_a[go], d)
+            sig[members] += Kd.reshape(-1, V, 6)
+            shears[members] += torch.einsum("bvkj,bvj->bvk", M_a[go], d)
         for b in (~(conv | bad)).nonzero().squeeze(-1).tolist():
             reasons[b] = f"no equilibrium after {st.max_newton} Newton iterations"
         for b in conv.nonzero().squeeze(-1).tolist():
             r = self.results[batch.ids[b]]
             r.last_residual = float(err[b])
             r.max_residual = max(r.max_residual, r.last_residual)
-        trial = _Batch(list(batch.ids), batch.gid, eps, sig, State(eps_p, xi, gamma_tw, gamma_sl), (eps - batch.eps) / dt, shears / dt)
+        trial = _Batch(list(batch.ids), batch.gid, eps, sig, State(eps_p, xi, gamma_tw, gamma_sl), (eps - batch.eps) / dt,
+                       shears / dt, (sig - batch.sig) / dt)
         return trial, conv, reasons
 
 
@@ -1011,6 +1055,7 @@ def solve(
         device=device,
         chunk=settings.voxel_chunk,
         kernel=settings.kernel,
+        tangent=settings.tangent,
     )
     proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device, settings.nyquist,
                       fused=mat.kernel == "numba")
@@ -1025,7 +1070,7 @@ def solve(
     rate = torch.tensor([1.0, -0.3, -0.3, 0.0, 0.0, 0.0], **kw).expand(B, V, 6).clone() * load.rate
     shear_rate = torch.zeros(B, V, 1 + (mat.n_twin > 0), **kw)  # elastic start
     batch = _Batch(list(range(B)), gid, torch.zeros(B, V, 6, **kw), torch.zeros(B, V, 6, **kw),
-                   mat.initial_state(gid), rate, shear_rate)
+                   mat.initial_state(gid), rate, shear_rate, torch.zeros(B, V, 6, **kw))
     solver = _Solver(mat, proj, n, load, settings, results)
     times = load.times
     for inc in range(1, load.increments + 1):

@@ -384,10 +384,77 @@ def inverse6(A, K, W):
             K[i, j] = W[i, 6 + j]
 
 
+@njit(inline="always", **_OPTS)
+def consistent_block(J, ny, W, K, Ms):
+    """``K`` (6, 6) = the stress-stress block of ``J^-1`` and ``Ms`` (ny - 6, 6) its shear-stress block (d shears /
+    d eps, crystal frame) (``J`` (ny, ny), the local Jacobian; destroyed
+    as scratch, with ``W`` (>= ny, >= ny + 6)): the tangent d sigma / d eps of the fully implicit update,
+    hardening included (the Schur complement ``(A - B D^-1 C)^-1``), by Gauss-Jordan elimination with
+    partial pivoting on ``[J | I_6; 0]``. Returns False if a pivot is zero or not finite."""
+    m = ny + 6
+    for i in range(ny):
+        for j in range(ny):
+            W[i, j] = J[i, j]
+        for j in range(6):
+            W[i, ny + j] = 1.0 if i == j else 0.0
+    for c in range(ny):
+        piv = c
+        best = abs(W[c, c])
+        for i in range(c + 1, ny):
+            if abs(W[i, c]) > best:
+                best = abs(W[i, c])
+                piv = i
+        if not (best > 0.0) or not math.isfinite(best):
+            return False
+        if piv != c:
+            for j in range(m):
+                W[c, j], W[piv, j] = W[piv, j], W[c, j]
+        rd = 1.0 / W[c, c]
+        for j in range(c, m):
+            W[c, j] *= rd
+        for i in range(ny):
+            if i != c:
+                f = W[i, c]
+                if f != 0.0:
+                    for j in range(c, m):
+                        W[i, j] -= f * W[c, j]
+    for i in range(6):
+        for j in range(6):
+            K[i, j] = W[i, ny + j]
+    for i in range(6, ny):
+        for j in range(6):
+            Ms[i - 6, j] = W[i, ny + j]
+    return True
+
+
+@njit(inline="always", **_OPTS)
+def symmetric_positive(K, L):
+    """Symmetrise ``K`` (6, 6) in place; True if it is then positive definite (Cholesky into ``L`` scratch)."""
+    for i in range(6):
+        for j in range(i + 1, 6):
+            s = 0.5 * (K[i, j] + K[j, i])
+            K[i, j] = s
+            K[j, i] = s
+    for j in range(6):
+        s = K[j, j]
+        for k in range(j):
+            s -= L[j, k] * L[j, k]
+        if not (s > 0.0):
+            return False
+        d = math.sqrt(s)
+        L[j, j] = d
+        for i in range(j + 1, 6):
+            t = K[i, j]
+            for k in range(j):
+                t -= L[i, k] * L[j, k]
+            L[i, j] = t / d
+    return True
+
+
 @njit(parallel=True, **_OPTS)
 def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf, rate,
-            n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local,
-            sig_out, K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
+            n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, consistent,
+            sig_out, K_out, M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
     """All voxels, in blocks of ``BLOCK``; each voxel reads only its own inputs, so the split over threads
     does not change any result."""
     M = gid.shape[0]
@@ -395,13 +462,13 @@ def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, 
     for blk in numba.prange(nblocks):
         _block(blk * BLOCK, min(M, (blk + 1) * BLOCK), gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0,
                PP, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel,
-               max_local, sig_out, K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out)
+               max_local, consistent, sig_out, K_out, M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out)
 
 
 @njit(**_OPTS)
 def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf,
-           rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, sig_out, K_out, xi_out,
-           dg_out, shears_out, deps_out, conv_out, it_out):
+           rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, consistent, sig_out, K_out,
+           M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
     """The update of voxels ``lo:hi`` (see :func:`update_voxels`), with one set of scratch arrays."""
     nsys = P0.shape[0]
     nk = shears0.shape[1]
@@ -422,6 +489,9 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
     J = np.empty((ny, ny))
     K = np.empty((6, 6))
     W = np.empty((6, 12))
+    WJ = np.empty((ny, ny + 6))
+    L = np.empty((6, 6))
+    Ms = np.empty((nk, 6))
     acc = np.empty(24)
     for m in range(lo, hi):
         g = gid[m]
@@ -458,11 +528,19 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                 if not abs(r[6 + k]) < tol:
                     done = False
             if done:
-                stress_block(dgd, S0, PP, J, acc)
-                for i in range(6):
-                    for j in range(6):
-                        K[i, j] = J[i, j]
-                inverse6(K, K, W)
+                good = False
+                if consistent:
+                    jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
+                    good = consistent_block(J, ny, WJ, K, Ms) and symmetric_positive(K, L)
+                if not good:  # the tangent at fixed resistances (always SPD), no shear prediction
+                    for k in range(nk):
+                        for j in range(6):
+                            Ms[k, j] = 0.0
+                    stress_block(dgd, S0, PP, J, acc)
+                    for i in range(6):
+                        for j in range(6):
+                            K[i, j] = J[i, j]
+                    inverse6(K, K, W)
                 converged = True
                 break
             if it == max_local:
@@ -529,7 +607,17 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                     s = 0.5 * (K_out[m, i, j] + K_out[m, j, i])
                     K_out[m, i, j] = s
                     K_out[m, j, i] = s
+            # d shears / d eps in the lab frame: Ms Q^T
+            for k in range(nk):
+                for j in range(6):
+                    s = 0.0
+                    for i in range(6):
+                        s += Ms[k, i] * Qg[j, i]
+                    M_out[m, k, j] = s
         else:
+            for k in range(nk):
+                for j in range(6):
+                    M_out[m, k, j] = 0.0
             for a in range(nsys):
                 xi_out[m, a] = xin[a]
                 dg_out[m, a] = 0.0
@@ -627,7 +715,7 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
                   tf: np.ndarray, slip_n: np.ndarray, sig0: np.ndarray, shears0: np.ndarray, *, S0: np.ndarray,
                   P0: np.ndarray, n_slip: int, first: np.ndarray, family: np.ndarray, xs_inf: np.ndarray,
                   rate: float, n: float, a_sl: float, h_0_sl_sl: float, h_0_tw_sl: float, h_0_tw_tw: float,
-                  tol_abs: float, tol_rel: float, max_local: int) -> dict[str, np.ndarray]:
+                  tol_abs: float, tol_rel: float, max_local: int, consistent: bool = False) -> dict[str, np.ndarray]:
     """Backward-Euler update of M voxels, float64, lab frame in and out (see ``Material._local``).
 
     Inputs: ``gid`` (M,) grain of each voxel; ``Q`` (G, 6, 6) Mandel rotations crystal -> lab; ``C`` (G, 6, 6)
@@ -644,7 +732,7 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
     """
     M, nsys, nk = gid.shape[0], P0.shape[0], shears0.shape[1]
     out = {
-        "sig": np.empty((M, 6)), "K": np.empty((M, 6, 6)), "xi": np.empty((M, nsys)), "dg": np.empty((M, nsys)),
+        "sig": np.empty((M, 6)), "K": np.empty((M, 6, 6)), "M": np.empty((M, nk, 6)), "xi": np.empty((M, nsys)), "dg": np.empty((M, nsys)),
         "shears": np.empty((M, nk)), "deps_p": np.empty((M, 6)), "converged": np.empty(M, dtype=np.bool_),
         "iterations": np.empty(M, dtype=np.int64),
     }
@@ -655,7 +743,7 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
        f64(sig0), f64(shears0), f64(S0), f64(P0), _outer_upper(f64(P0)), int(n_slip), np.ascontiguousarray(first, dtype=np.int64),
        np.ascontiguousarray(family, dtype=np.int64), f64(xs_inf), float(rate), float(n), _quarters(n - 1.0),
        float(a_sl), _quarters(a_sl - 1.0), float(h_0_sl_sl), float(h_0_tw_sl), float(h_0_tw_tw), float(tol_abs),
-       float(tol_rel), int(max_local), out["sig"], out["K"], out["xi"], out["dg"], out["shears"], out["deps_p"],
+       float(tol_rel), int(max_local), bool(consistent), out["sig"], out["K"], out["M"], out["xi"], out["dg"], out["shears"], out["deps_p"],
        out["converged"], out["iterations"])
     if first_call:
         _FIRST_CALL["s"] = time.perf_counter() - start
