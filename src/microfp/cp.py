@@ -91,6 +91,7 @@ SQ2 = math.sqrt(2.0)
 CPU_CHUNK = 8192
 GPU_CHUNK = 2**18
 _DEBUG = False
+EXTRAPOLATE = 1.0  # weight of the rates' slopes in the first guess of an increment
 VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
 
@@ -503,6 +504,7 @@ class Material:
         tol = self.local_tol + self.local_rtol * target.abs().amax(-1)
         r, dg, dgd, dgx, xi, u = self._residual(y, tgt, xin, tfa, dt)
         iterations = 0
+        J_step = None
         for it in range(self.max_local + 1):
             iterations = it
             done = torch.maximum(_rotate(r[:, :6], Qa).abs().amax(-1), r[:, 6:].abs().amax(-1)) < tol
@@ -511,12 +513,15 @@ class Material:
                 d = done.nonzero().squeeze(-1)
                 idx = active[d]
                 out["y"][idx], out["dg"][idx], out["xi"][idx] = y[d], dg[d], xi[d]
-                out["K"][idx], out["M"][idx] = self._tangent(J[d])
+                # the tangent from the Jacobian of the last Newton step (as the fused kernel, which reuses
+                # its factors), at the point itself if no step was taken
+                out["K"][idx], out["M"][idx] = self._tangent(J[d] if J_step is None else J_step[d], fixed_at=J[d])
                 converged[idx] = True
             if done.all() or it == self.max_local:
                 break
             keep = (~done).nonzero().squeeze(-1)  # indices: one nonzero for all the copies below
             active, y, r, J, tol, Qa, tgt, xin, tfa = (x[keep] for x in (active, y, r, J, tol, Qa, tgt, xin, tfa))
+            J_step = J
             dy = -torch.linalg.solve(J, r.unsqueeze(-1)).squeeze(-1)
             # backtracking line search on |r|^2 (the power law with n = 20 overshoots easily)
             f0 = (r * r).sum(-1)
@@ -549,13 +554,13 @@ class Material:
             M[bad] = 0.0
         return sig, out["dg"], deps_p, out["xi"], out["y"][:, 6:], K, converged, iterations, M
 
-    def _tangent(self, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tangent(self, J: torch.Tensor, fixed_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crystal-frame tangent (m, 6, 6) and shear sensitivities (m, k, 6) of converged voxels with local
         Jacobians ``J`` (m, 6 + k, 6 + k). ``"consistent"``: the blocks of ``J^-1`` (d sigma / d eps and
         d shears / d eps of the fully implicit update, hardening included), the first symmetrised, where that
-        is positive definite; elsewhere, and with ``"fixed"``, ``(S + sum_a dgd_a p_a p_a^T)^-1`` and no
-        shear sensitivities."""
-        fixed = torch.linalg.inv(J[:, :6, :6])
+        is positive definite; elsewhere, and with ``"fixed"``, ``(S + sum_a dgd_a p_a p_a^T)^-1`` at the
+        Jacobians ``fixed_at`` (the converged point) and no shear sensitivities."""
+        fixed = torch.linalg.inv(fixed_at[:, :6, :6])
         zero = J.new_zeros(J.shape[0], J.shape[1] - 6, 6)
         if self.tangent != "consistent":
             return fixed, zero
@@ -882,13 +887,16 @@ class _Batch:
     rate: torch.Tensor  # (B, V, 6) strain rate of the last increment (extrapolates the next one)
     shear_rate: torch.Tensor  # (B, V, k) accumulated shear rates of the last increment (the same)
     sig_rate: torch.Tensor  # (B, V, 6) stress rate of the last increment (first guess of the local updates)
+    slopes: torch.Tensor  # (B, V, 12 + k) time derivatives of the three rates above (second-order extrapolation)
+    dt_last: torch.Tensor  # (B,) length of the last increment, s (0 before the first)
 
     def select(self, keep: torch.Tensor) -> "_Batch":
         """The members where ``keep`` (B,) bool is true."""
         idx = keep.nonzero().squeeze(-1)
         return _Batch(
             [self.ids[i] for i in idx.tolist()], self.gid[idx], self.eps[idx], self.sig[idx],
-            self.state.select(idx), self.rate[idx], self.shear_rate[idx], self.sig_rate[idx],
+            self.state.select(idx), self.rate[idx], self.shear_rate[idx], self.sig_rate[idx], self.slopes[idx],
+            self.dt_last[idx],
         )
 
     @staticmethod
@@ -905,6 +913,8 @@ class _Batch:
             torch.cat([p.rate for p in parts]),
             torch.cat([p.shear_rate for p in parts]),
             torch.cat([p.sig_rate for p in parts]),
+            torch.cat([p.slopes for p in parts]),
+            torch.cat([p.dt_last for p in parts]),
         )
 
 
@@ -946,10 +956,14 @@ class _Solver:
         mat, proj, st, n = self.mat, self.proj, self.settings, self.n
         B, V = batch.gid.shape
         dt = t1 - t0
-        eps = batch.eps + batch.rate * dt
+        # first guesses: the strain, stress and shear rates of the last increment, extrapolated to the middle
+        # of this one with their slopes (second order in time)
+        ahead = (EXTRAPOLATE * 0.5 * (batch.dt_last + dt)).view(B, 1, 1)
+        k6 = 6 + batch.shear_rate.shape[-1]
+        eps = batch.eps + (batch.rate + ahead * batch.slopes[..., :6]) * dt
         eps[..., 0] += self.load.rate * t1 - eps[..., 0].mean(dim=1, keepdim=True)
-        # first guesses: the strain, stress and shear rates of the last increment, extrapolated
-        sig, xi, shears = batch.sig + batch.sig_rate * dt, batch.state.xi.clone(), batch.shear_rate * dt
+        sig = batch.sig + (batch.sig_rate + ahead * batch.slopes[..., k6:]) * dt
+        xi, shears = batch.state.xi.clone(), (batch.shear_rate + ahead * batch.slopes[..., 6:k6]).clamp(min=0.0) * dt
         eps_p, gamma_tw, gamma_sl = batch.state.eps_p.clone(), batch.state.gamma_tw.clone(), batch.state.gamma_sl.clone()
         conv = torch.zeros(B, dtype=torch.bool, device=eps.device)
         bad = torch.zeros_like(conv)
@@ -1019,8 +1033,13 @@ class _Solver:
             r = self.results[batch.ids[b]]
             r.last_residual = float(err[b])
             r.max_residual = max(r.max_residual, r.last_residual)
-        trial = _Batch(list(batch.ids), batch.gid, eps, sig, State(eps_p, xi, gamma_tw, gamma_sl), (eps - batch.eps) / dt,
-                       shears / dt, (sig - batch.sig) / dt)
+        rates = ((eps - batch.eps) / dt, shears / dt, (sig - batch.sig) / dt)
+        old = torch.cat([batch.rate, batch.shear_rate, batch.sig_rate], dim=-1)
+        gap = 0.5 * (batch.dt_last + dt)
+        slopes = (torch.cat(rates, dim=-1) - old) / gap.view(B, 1, 1)
+        slopes[batch.dt_last == 0] = 0.0  # the first increment's rates were guesses, not rates
+        trial = _Batch(list(batch.ids), batch.gid, eps, sig, State(eps_p, xi, gamma_tw, gamma_sl), *rates, slopes,
+                       torch.full_like(batch.dt_last, dt))
         return trial, conv, reasons
 
 
@@ -1070,7 +1089,8 @@ def solve(
     rate = torch.tensor([1.0, -0.3, -0.3, 0.0, 0.0, 0.0], **kw).expand(B, V, 6).clone() * load.rate
     shear_rate = torch.zeros(B, V, 1 + (mat.n_twin > 0), **kw)  # elastic start
     batch = _Batch(list(range(B)), gid, torch.zeros(B, V, 6, **kw), torch.zeros(B, V, 6, **kw),
-                   mat.initial_state(gid), rate, shear_rate, torch.zeros(B, V, 6, **kw))
+                   mat.initial_state(gid), rate, shear_rate, torch.zeros(B, V, 6, **kw),
+                   torch.zeros(B, V, 12 + shear_rate.shape[-1], **kw), torch.zeros(B, **kw))
     solver = _Solver(mat, proj, n, load, settings, results)
     times = load.times
     for inc in range(1, load.increments + 1):

@@ -354,6 +354,65 @@ def solve_in_place(A, b, n, rd):
 
 
 @njit(inline="always", **_OPTS)
+def lu_solve(A, b, n, rd, piv):
+    """As :func:`solve_in_place`, keeping the factors: ``A`` becomes the LU factors of the row-permuted
+    matrix (multipliers below the diagonal), ``piv`` (>= n,) the row swapped with each row, ``rd`` the
+    reciprocal pivots, so :func:`lu_block` can solve further right-hand sides."""
+    for c in range(n):
+        p = c
+        best = abs(A[c, c])
+        for i in range(c + 1, n):
+            if abs(A[i, c]) > best:
+                best = abs(A[i, c])
+                p = i
+        piv[c] = p
+        if p != c:
+            for j in range(n):
+                A[c, j], A[p, j] = A[p, j], A[c, j]
+            b[c], b[p] = b[p], b[c]
+        rd[c] = 1.0 / A[c, c]
+        for i in range(c + 1, n):
+            m = A[i, c] * rd[c]
+            A[i, c] = m
+            if m != 0.0:
+                for j in range(c + 1, n):
+                    A[i, j] -= m * A[c, j]
+                b[i] -= m * b[c]
+    for c in range(n - 1, -1, -1):
+        s = b[c]
+        for j in range(c + 1, n):
+            s -= A[c, j] * b[j]
+        b[c] = s * rd[c]
+
+
+@njit(inline="always", **_OPTS)
+def lu_block(A, n, rd, piv, K, Ms, e):
+    """The first six columns of ``J^-1`` from the factors of :func:`lu_solve`: ``K`` (6, 6) its stress rows,
+    ``Ms`` (n - 6, 6) its shear rows; ``e`` (>= n,) scratch."""
+    for col in range(6):
+        for i in range(n):
+            e[i] = 1.0 if i == col else 0.0
+        for c in range(n):
+            p = piv[c]
+            if p != c:
+                e[c], e[p] = e[p], e[c]
+        for i in range(1, n):
+            s = e[i]
+            for k in range(i):
+                s -= A[i, k] * e[k]
+            e[i] = s
+        for c in range(n - 1, -1, -1):
+            s = e[c]
+            for j in range(c + 1, n):
+                s -= A[c, j] * e[j]
+            e[c] = s * rd[c]
+        for i in range(6):
+            K[i, col] = e[i]
+        for i in range(6, n):
+            Ms[i - 6, col] = e[i]
+
+
+@njit(inline="always", **_OPTS)
 def inverse6(A, K, W):
     """``K = A^-1`` (6, 6) by Gauss-Jordan elimination with partial pivoting; ``W`` (6, 12) scratch."""
     for i in range(6):
@@ -492,6 +551,9 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
     WJ = np.empty((ny, ny + 6))
     L = np.empty((6, 6))
     Ms = np.empty((nk, 6))
+    rdv = np.empty(ny)
+    piv = np.empty(ny, dtype=np.int64)
+    ev = np.empty(ny)
     acc = np.empty(24)
     for m in range(lo, hi):
         g = gid[m]
@@ -530,8 +592,12 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
             if done:
                 good = False
                 if consistent:
-                    jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
-                    good = consistent_block(J, ny, WJ, K, Ms) and symmetric_positive(K, L)
+                    if it > 0:  # J holds the factors of the last step's Jacobian: reuse them
+                        lu_block(J, ny, rdv, piv, K, Ms, ev)
+                        good = symmetric_positive(K, L)
+                    else:
+                        jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
+                        good = consistent_block(J, ny, WJ, K, Ms) and symmetric_positive(K, L)
                 if not good:  # the tangent at fixed resistances (always SPD), no shear prediction
                     for k in range(nk):
                         for j in range(6):
@@ -548,7 +614,7 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
             jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
             for i in range(ny):
                 dy[i] = -r[i]
-            solve_in_place(J, dy, ny, ynew)
+            lu_solve(J, dy, ny, rdv, piv)
             # backtracking line search on |r|^2 (the power law with n = 20 overshoots easily): the full
             # step, then up to 16 halvings, the last one taken unchecked, as Material._local (one call
             # site of the inlined residual here, not two: shorter compilation)
