@@ -84,14 +84,53 @@ def power(x, quarters, e):
 def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a,
              h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc):
     """Local residual ``r`` (6 + nk) at ``y`` (crystal frame), and dg, dgd, dgx, xi, u (N_s) as
-    ``Material._residual``; ``xs``, ``us`` (families,) scratch. Returns ``r . r``."""
+    ``Material._residual``; ``xs``, ``us`` (families,) scratch; ``xs_inf`` here holds the reciprocals
+    ``1 / xi_inf`` of the slip families. Returns ``r . r``."""
     nsys = P0.shape[0]
     G = y[6]
     # the stress in locals: the stores to dg, dgd, ... below might alias y for the compiler
     y0, y1, y2, y3, y4, y5 = y[0], y[1], y[2], y[3], y[4], y[5]
-    for f in range(first.shape[0]):
+    nf = first.shape[0]
+    if nf == 4:
+        # the four slip families of Mg as four independent chains in one loop, so the CPU overlaps their
+        # square roots and divisions (the same operations per family, in the same order, as the loop below)
+        xa, xb, xc, xd = xin[first[0]], xin[first[1]], xin[first[2]], xin[first[3]]
+        na, nb, nc, nd = xa, xb, xc, xd
+        ra, rb, rc, rdd = xs_inf[0], xs_inf[1], xs_inf[2], xs_inf[3]  # reciprocals (see _block)
+        Ha = Hb = Hc = Hd = 0.0
+        dHa = dHb = dHc = dHd = 0.0
+        for it in range(3):
+            sa = 1.0 - xa * ra
+            sb = 1.0 - xb * rb
+            sc = 1.0 - xc * rc
+            sd = 1.0 - xd * rdd
+            pa = power(abs(sa), q_a, a_sl - 1.0)
+            pb = power(abs(sb), q_a, a_sl - 1.0)
+            pc = power(abs(sc), q_a, a_sl - 1.0)
+            pd = power(abs(sd), q_a, a_sl - 1.0)
+            Ha = h0 * pa * sa
+            Hb = h0 * pb * sb
+            Hc = h0 * pc * sc
+            Hd = h0 * pd * sd
+            dHa = -h0 * a_sl * pa * ra
+            dHb = -h0 * a_sl * pb * rb
+            dHc = -h0 * a_sl * pc * rc
+            dHd = -h0 * a_sl * pd * rdd
+            if it == 2:
+                break
+            xa = xa - (xa - na - Ha * G) / (1.0 - dHa * G)
+            xb = xb - (xb - nb - Hb * G) / (1.0 - dHb * G)
+            xc = xc - (xc - nc - Hc * G) / (1.0 - dHc * G)
+            xd = xd - (xd - nd - Hd * G) / (1.0 - dHd * G)
+        xs[0], xs[1], xs[2], xs[3] = xa, xb, xc, xd
+        us[0] = Ha / (1.0 - dHa * G)
+        us[1] = Hb / (1.0 - dHb * G)
+        us[2] = Hc / (1.0 - dHc * G)
+        us[3] = Hd / (1.0 - dHd * G)
+        nf = 0
+    for f in range(nf):
         xsn = xin[first[f]]
-        rinf = 1.0 / xs_inf[f]  # (divisions are the slowest operations here: one per family, not six)
+        rinf = xs_inf[f]  # the reciprocal of xi_inf (see _block): one division per family and call, not six
         x = xsn
         H = 0.0
         dH = 0.0
@@ -114,9 +153,13 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
         for a in range(ns, nsys):
             xi[a] = xin[a] + add
             u[a] = ut
+    last = -1.0
+    rxi = 0.0
     for a in range(nsys):
         tau = (((((y0 * P0[a, 0]) + y1 * P0[a, 1]) + y2 * P0[a, 2]) + y3 * P0[a, 3]) + y4 * P0[a, 4]) + y5 * P0[a, 5]
-        rxi = 1.0 / xi[a]
+        if xi[a] != last:  # the systems of a family share their resistance: one division per family
+            last = xi[a]
+            rxi = 1.0 / last
         ratio = tau * rxi
         if ratio > 1e3:
             ratio = 1e3
@@ -533,6 +576,9 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
     nk = shears0.shape[1]
     nf = first.shape[0]
     ny = 6 + nk
+    rinf = np.empty(nf)  # 1 / xi_inf per slip family: the residual multiplies by it
+    for f in range(nf):
+        rinf[f] = 1.0 / xs_inf[f]
     y = np.empty(ny)
     tgt = np.empty(6)
     ynew = np.empty(ny)
@@ -573,7 +619,7 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
             y[6 + k] = shears0[m, k]
         tol = tol_abs + tol_rel * amax
         xin = xi_n[m]
-        f = residual(y, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate, n_exp, q_n,
+        f = residual(y, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, rinf, rate, n_exp, q_n,
                      a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
         converged = False
         iterations = 0
@@ -625,7 +671,7 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                     alpha *= 0.5
                 for i in range(ny):
                     ynew[i] = y[i] + alpha * dy[i]
-                f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate,
+                f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, rinf, rate,
                              n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
                 if math.isfinite(f) and f <= (1.0 - 1e-4 * alpha) * f0:
                     break
