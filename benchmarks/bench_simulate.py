@@ -15,8 +15,8 @@ listed in --sizes) by voxel refinement and reports the final stress of each.
 ``--float32`` also times the float32 solver (batched) in the same run and reports its speed-up over the
 ``--dtype`` one and the largest difference of their curves.
 
-``--compare-ref REV`` also runs the solver of git revision REV (its ``src/microfp/cp.py``, imported from a
-temporary file) on the same VEs in the same run, and reports the speed-up (wall and CPU time) and the
+``--compare-ref REV`` also runs the solver of git revision REV (its ``src/microfp/cp.py`` and ``cp_kernel.py``,
+imported from temporary files; the kernel compiled before the timing) on the same VEs in the same run, and reports the speed-up (wall and CPU time) and the
 largest relative difference of the sigma_xx curves:
 
     python benchmarks/bench_simulate.py --sizes 16 64 --n 8 1 --threads 1 --no-unbatched --compare-ref main
@@ -72,11 +72,23 @@ def timed(grain_ids, eulers, load, settings, module=cp):
 
 
 def solver_at(rev: str):
-    """The ``microfp.cp`` module of git revision ``rev``, imported from a temporary copy of its source."""
+    """The ``microfp.cp`` module of git revision ``rev``, imported from a temporary copy of its source, with
+    that revision's fused kernel (``microfp.cp_kernel``, as ``cp_kernel_ref``) where it has one: otherwise the
+    reference would run this checkout's kernel, and the comparison would hide the kernel's changes."""
     root = Path(__file__).resolve().parents[1]
     source = subprocess.run(["git", "show", f"{rev}:src/microfp/cp.py"], cwd=root, check=True,
                             capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "cp_ref.py"
+    tmp = Path(tempfile.mkdtemp())
+    kernel = subprocess.run(["git", "show", f"{rev}:src/microfp/cp_kernel.py"], cwd=root, capture_output=True, text=True)
+    if kernel.returncode == 0:
+        (tmp / "cp_kernel_ref.py").write_text(kernel.stdout)
+        kspec = importlib.util.spec_from_file_location("cp_kernel_ref", tmp / "cp_kernel_ref.py")
+        kmod = importlib.util.module_from_spec(kspec)
+        sys.modules["cp_kernel_ref"] = kmod
+        kspec.loader.exec_module(kmod)
+        source = source.replace("from microfp import cp_kernel", "import cp_kernel_ref as cp_kernel")
+        source = source.replace("import microfp.cp_kernel", "import cp_kernel_ref")
+    path = tmp / "cp_ref.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("cp_ref", path)
     module = importlib.util.module_from_spec(spec)
@@ -91,6 +103,8 @@ def solver_at(rev: str):
 def compare(module, rev, g, eulers, load, args, entry, res_b):
     """Run ``module`` (the solver of ``rev``) batched on the same VEs; add its timings and the differences."""
     settings = module.SolverSettings(device=args.device, dtype=args.dtype)
+    # the reference's kernel compiles on its first call (its source is a temporary file): not timed
+    module.solve(np.zeros((1, 4, 4, 4), np.uint16), [np.zeros((1, 3))], module.Load(strain=0.002, increments=1), settings)
     wall, cpu, res = timed(g, eulers, module.Load(strain=load.strain, rate=load.rate, increments=load.increments),
                            settings, module)
     n = len(eulers)

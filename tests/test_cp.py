@@ -336,7 +336,7 @@ def test_local_update_keeps_the_resistances_of_a_family_equal():
     hardening of _resistances relies on it), and the lab-frame stress satisfies Hooke's law with eps_p."""
     mat, g, xi_n, y, hist, target = _local_problem()
     out = mat._local(g, target * 5, xi_n, hist, torch.zeros(len(g), 6, dtype=y.dtype), torch.zeros_like(y[:, 6:]), 0.5)
-    sig, dg, deps_p, xi, shears, K, converged, _ = out
+    sig, dg, deps_p, xi, shears, K, converged, *_ = out
     assert bool(converged.all()) and float(dg.abs().max()) > 1e-4
     family = torch.as_tensor(cp.system_table()["family"])
     for f in family.unique():

@@ -92,6 +92,9 @@ CPU_CHUNK = 8192
 GPU_CHUNK = 2**18
 _DEBUG = False
 EXTRAPOLATE = 1.0  # weight of the rates' slopes in the first guess of an increment
+# local Newton tolerance (strain) of each increment's first update, at the extrapolated guess: its error
+# (~1e-3 relative) is far above the equilibrium tolerance, so its stress need not be exact to 1e-10
+LOOSE_LOCAL_TOL = 1e-7
 VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
 
@@ -481,7 +484,7 @@ class Material:
         return J
 
     # -- the update ------------------------------------------------------------------------------
-    def _local(self, g, target, xi_n, hist, sig, shears, dt):
+    def _local(self, g, target, xi_n, hist, sig, shears, dt, local_tol=None):
         """Newton (with line search) for the stress and the accumulated shears of voxels ``g`` (m,).
 
         Fully implicit: the resistances follow the shears inside the iterations (:meth:`_resistances`).
@@ -501,7 +504,7 @@ class Material:
         converged = torch.zeros(m, dtype=torch.bool, device=self.device)
         active = torch.arange(m, device=self.device)
         tgt, xin, tfa = _rotate(target, Q, inverse=True), xi_n, hist
-        tol = self.local_tol + self.local_rtol * target.abs().amax(-1)
+        tol = (self.local_tol if local_tol is None else local_tol) + self.local_rtol * target.abs().amax(-1)
         r, dg, dgd, dgx, xi, u = self._residual(y, tgt, xin, tfa, dt)
         iterations = 0
         J_step = None
@@ -572,7 +575,7 @@ class Material:
         return torch.where(good[:, None, None], K, fixed), torch.where(good[:, None, None], Ji[:, 6:, :6], zero)
 
     def update(self, gid: torch.Tensor, eps: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
-               shears_guess: torch.Tensor, dt: float):
+               shears_guess: torch.Tensor, dt: float, loose: bool = False):
         """Backward-Euler update of every voxel for total strain ``eps`` (B, V, 6), from ``state_n``.
 
         ``sig_guess`` (B, V, 6) and ``shears_guess`` (B, V, k) start the local Newton iterations (k = 2
@@ -581,7 +584,9 @@ class Material:
         increment (B, V, k), (B,) bool whether the local Newton converged in every voxel of each VE, the
         most local Newton iterations, and the shears' sensitivities d shears / d eps (B, V, k, 6), lab frame
         (zero with ``tangent="fixed"``, in voxels that did not converge and in elastic ones), which with the
-        tangent predict the local update at a nearby strain.
+        tangent predict the local update at a nearby strain. ``loose``: the local Newton stops at
+        ``max(local_tol, LOOSE_LOCAL_TOL)`` (a first iterate, far from equilibrium, whose stress only sets the
+        next Newton step; the solver never accepts equilibrium on such an update).
         """
         B, V = gid.shape
         g = gid.reshape(-1)
@@ -594,7 +599,7 @@ class Material:
         M = B * V
         target = (eps - state_n.eps_p).reshape(M, 6)
         if self.kernel == "numba":
-            return self._update_fused(g, target, state_n, sig_guess, shears_guess, dt)
+            return self._update_fused(g, target, state_n, sig_guess, shears_guess, dt, self._tol(loose))
         if self.n_twin:
             frac = (state_n.gamma_tw / self.gamma_char).sum(-1).reshape(M, 1)
             tf = (1.0 - frac).clamp(min=0.0)
@@ -606,7 +611,7 @@ class Material:
         # whole 64^3 grid (~0.4 GB each) go back to the OS and fault in again, which made it 2-3x slower
         xi_n, sig_guess, shears_guess = state_n.xi.reshape(M, -1), sig_guess.reshape(M, 6), shears_guess.reshape(M, -1)
         chunks = [
-            self._local(g[c], target[c], xi_n[c], hist[c], sig_guess[c], shears_guess[c], dt)
+            self._local(g[c], target[c], xi_n[c], hist[c], sig_guess[c], shears_guess[c], dt, self._tol(loose))
             for c in (slice(i, i + self.chunk) for i in range(0, M, self.chunk))
         ]
         sig, dg, deps_p, xi, shears, K, conv, dsh = (torch.cat([c[k] for c in chunks]) for k in (0, 1, 2, 3, 4, 5, 6, 8))
@@ -622,8 +627,11 @@ class Material:
         return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, shears.reshape(B, V, -1), ok, most, dsh.reshape(B, V, -1, 6)
 
 
+    def _tol(self, loose: bool) -> float:
+        return max(self.local_tol, LOOSE_LOCAL_TOL) if loose else self.local_tol
+
     def _update_fused(self, g: torch.Tensor, target: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
-                      shears_guess: torch.Tensor, dt: float):
+                      shears_guess: torch.Tensor, dt: float, local_tol: float):
         """:meth:`update` by the fused per-voxel kernel (:mod:`microfp.cp_kernel`, CPU, float64): the same
         local Newton as :meth:`_local`, one voxel at a time; same results to round-off."""
         from microfp import cp_kernel
@@ -644,7 +652,7 @@ class Material:
             state_n.gamma_sl.reshape(M).numpy(), sig_guess.reshape(M, 6).numpy(), shears_guess.reshape(M, -1).numpy(),
             S0=c["S0"], P0=c["P0"], n_slip=self.n_slip, first=c["first"], family=c["family"], xs_inf=c["xs_inf"],
             rate=dt * p.dot_gamma_0, n=p.n, a_sl=p.a_sl, h_0_sl_sl=p.h_0_sl_sl, h_0_tw_sl=p.h_0_tw_sl,
-            h_0_tw_tw=p.h_0_tw_tw, tol_abs=self.local_tol, tol_rel=self.local_rtol, max_local=self.max_local,
+            h_0_tw_tw=p.h_0_tw_tw, tol_abs=local_tol, tol_rel=self.local_rtol, max_local=self.max_local,
             consistent=self.tangent == "consistent",
         )
         t = {k: torch.from_numpy(v) for k, v in out.items()}
@@ -969,7 +977,8 @@ class _Solver:
         bad = torch.zeros_like(conv)
         err = torch.full((B,), float("inf"), dtype=eps.dtype, device=eps.device)
         reasons = [""] * B
-        for _ in range(st.max_newton):
+        for it in range(st.max_newton):
+            loose = it == 0 and LOOSE_LOCAL_TOL > 0
             act = (~(conv | bad)).nonzero().squeeze(-1)
             if act.numel() == 0:
                 break
@@ -979,7 +988,8 @@ class _Solver:
                 return x if whole else x[act]
 
             s_a, K_a, new, shears_a, ok_a, _, M_a = mat.update(
-                part(batch.gid), part(eps), batch.state if whole else batch.state.select(act), part(sig), part(shears), dt
+                part(batch.gid), part(eps), batch.state if whole else batch.state.select(act), part(sig), part(shears), dt,
+                loose=loose,
             )
             sig[act], xi[act], eps_p[act], shears[act], gamma_sl[act] = s_a, new.xi, new.eps_p, shears_a, new.gamma_sl
             if mat.n_twin:
@@ -993,7 +1003,7 @@ class _Solver:
                 self.results[batch.ids[b]].newton_iterations += 1
                 if bool(bad_a[j]):
                     reasons[b] = "non-finite stress" if not bool(finite[j]) else "stress integration did not converge"
-            conv_a = (err_a < st.tolerance) & ~bad_a
+            conv_a = (err_a < st.tolerance) & ~bad_a & (not loose)  # a loose update is never accepted
             err[act], conv[act], bad[act] = err_a, conv_a, bad_a
             if _DEBUG:
                 print(f"  t={t1:.3f} err={err_a.tolist()}", flush=True)

@@ -203,16 +203,17 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, P0T, ns, first, family, xs_inf
             dgx[a] = -n_exp * g * rxi
     # sums over the systems with the outputs innermost: six independent chains of additions (in the
     # order a = 0, 1, ...) that the CPU overlaps, instead of one chain of 30 dependent additions each
-    e0 = e1 = e2 = e3 = e4 = e5 = 0.0  # (accumulators in registers; zero terms skipped: twins at tau <= 0)
+    # (accumulators in registers; the zero terms of twins at tau <= 0 are added, not branched around: an
+    # unpredictable branch costs more than six additions, and adding zero changes no bit of a sum)
+    e0 = e1 = e2 = e3 = e4 = e5 = 0.0
     for a in range(nsys):
         w = dg[a]
-        if w != 0.0:
-            e0 += w * P0[a, 0]
-            e1 += w * P0[a, 1]
-            e2 += w * P0[a, 2]
-            e3 += w * P0[a, 3]
-            e4 += w * P0[a, 4]
-            e5 += w * P0[a, 5]
+        e0 += w * P0[a, 0]
+        e1 += w * P0[a, 1]
+        e2 += w * P0[a, 2]
+        e3 += w * P0[a, 3]
+        e4 += w * P0[a, 4]
+        e5 += w * P0[a, 5]
     acc[0], acc[1], acc[2], acc[3], acc[4], acc[5] = e0, e1, e2, e3, e4, e5
     for i in range(6):
         s = 0.0
