@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from numba import njit
 
-__all__ = ["first_call_seconds", "green", "matvec", "update_voxels"]
+__all__ = ["cg_direction", "cg_dot", "cg_step", "first_call_seconds", "green", "matvec", "update_voxels"]
 
 _FIRST_CALL: dict[str, float] = {}
 BLOCK = 256  # voxels per block of the parallel loop (one set of scratch arrays each)
@@ -817,6 +817,41 @@ def _matvec(K, x, out):
                 for j in range(6):
                     s += K[m, i, j] * x[m, j]
                 out[m, i] = s
+
+
+@njit(parallel=True, **_OPTS)
+def cg_dot(a, b, out):
+    """``out[i] = a[i] . b[i]`` for (B, L) arrays: one sum per VE, in index order (the same bits for any
+    number of threads)."""
+    for i in numba.prange(a.shape[0]):
+        s = 0.0
+        for j in range(a.shape[1]):
+            s += a[i, j] * b[i, j]
+        out[i] = s
+
+
+@njit(parallel=True, **_OPTS)
+def cg_step(x, r, p, Ap, alpha, rr):
+    """One pass of conjugate gradients over (B, L) arrays: ``x += alpha p``, ``r -= alpha Ap`` (in place) and
+    ``rr[i] = r[i] . r[i]`` (index order), per VE ``i``."""
+    for i in numba.prange(x.shape[0]):
+        a = alpha[i]
+        s = 0.0
+        for j in range(x.shape[1]):
+            x[i, j] = x[i, j] + a * p[i, j]
+            t = r[i, j] - a * Ap[i, j]
+            r[i, j] = t
+            s += t * t
+        rr[i] = s
+
+
+@njit(parallel=True, **_OPTS)
+def cg_direction(p, r, beta):
+    """``p = r + beta p`` in place, per VE, for (B, L) arrays."""
+    for i in numba.prange(p.shape[0]):
+        b = beta[i]
+        for j in range(p.shape[1]):
+            p[i, j] = r[i, j] + b * p[i, j]
 
 
 def green(th: np.ndarray, n1: np.ndarray, n2: np.ndarray, n3: np.ndarray, mask: np.ndarray) -> np.ndarray:
