@@ -336,7 +336,7 @@ def test_local_update_keeps_the_resistances_of_a_family_equal():
     hardening of _resistances relies on it), and the lab-frame stress satisfies Hooke's law with eps_p."""
     mat, g, xi_n, y, hist, target = _local_problem()
     out = mat._local(g, target * 5, xi_n, hist, torch.zeros(len(g), 6, dtype=y.dtype), torch.zeros_like(y[:, 6:]), 0.5)
-    sig, dg, deps_p, xi, shears, K, converged, _ = out
+    sig, dg, deps_p, xi, shears, K, converged, *_ = out
     assert bool(converged.all()) and float(dg.abs().max()) > 1e-4
     family = torch.as_tensor(cp.system_table()["family"])
     for f in family.unique():
@@ -411,10 +411,10 @@ def test_fused_local_update_equals_the_torch_one(twinning, max_local):
     for kernel in ("numba", "torch"):
         mat.kernel = kernel
         out[kernel] = mat.update(g[None], eps, state, *guess, 0.5)
-    (s1, K1, st1, sh1, ok1, it1), (s0, K0, st0, sh0, ok0, it0) = out["numba"], out["torch"]
+    (s1, K1, st1, sh1, ok1, it1, M1), (s0, K0, st0, sh0, ok0, it0, M0) = out["numba"], out["torch"]
     assert bool(ok1 == ok0) and it1 == it0
     assert bool(ok0.all()) == (max_local == 60) and float(st0.gamma_sl.max()) > 1e-3
-    for a, b in [(s1, s0), (K1, K0), (sh1, sh0)] + [(getattr(st1, f), getattr(st0, f)) for f in cp.State.FIELDS]:
+    for a, b in [(s1, s0), (K1, K0), (sh1, sh0), (M1, M0)] + [(getattr(st1, f), getattr(st0, f)) for f in cp.State.FIELDS]:
         if b.numel():
             assert float((a - b).abs().max()) <= 1e-11 * float(b.abs().max())
 

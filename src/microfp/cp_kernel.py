@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from numba import njit
 
-__all__ = ["first_call_seconds", "green", "matvec", "update_voxels"]
+__all__ = ["cg_direction", "cg_dot", "cg_step", "first_call_seconds", "green", "matvec", "update_voxels"]
 
 _FIRST_CALL: dict[str, float] = {}
 BLOCK = 256  # voxels per block of the parallel loop (one set of scratch arrays each)
@@ -81,17 +81,56 @@ def power(x, quarters, e):
 
 
 @njit(inline="always", **_OPTS)
-def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a,
+def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, P0T, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a,
              h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc):
     """Local residual ``r`` (6 + nk) at ``y`` (crystal frame), and dg, dgd, dgx, xi, u (N_s) as
-    ``Material._residual``; ``xs``, ``us`` (families,) scratch. Returns ``r . r``."""
+    ``Material._residual``; ``xs``, ``us`` (families,) scratch; ``xs_inf`` here holds the reciprocals
+    ``1 / xi_inf`` of the slip families. Returns ``r . r``."""
     nsys = P0.shape[0]
     G = y[6]
     # the stress in locals: the stores to dg, dgd, ... below might alias y for the compiler
     y0, y1, y2, y3, y4, y5 = y[0], y[1], y[2], y[3], y[4], y[5]
-    for f in range(first.shape[0]):
+    nf = first.shape[0]
+    if nf == 4:
+        # the four slip families of Mg as four independent chains in one loop, so the CPU overlaps their
+        # square roots and divisions (the same operations per family, in the same order, as the loop below)
+        xa, xb, xc, xd = xin[first[0]], xin[first[1]], xin[first[2]], xin[first[3]]
+        na, nb, nc, nd = xa, xb, xc, xd
+        ra, rb, rc, rdd = xs_inf[0], xs_inf[1], xs_inf[2], xs_inf[3]  # reciprocals (see _block)
+        Ha = Hb = Hc = Hd = 0.0
+        dHa = dHb = dHc = dHd = 0.0
+        for it in range(3):
+            sa = 1.0 - xa * ra
+            sb = 1.0 - xb * rb
+            sc = 1.0 - xc * rc
+            sd = 1.0 - xd * rdd
+            pa = power(abs(sa), q_a, a_sl - 1.0)
+            pb = power(abs(sb), q_a, a_sl - 1.0)
+            pc = power(abs(sc), q_a, a_sl - 1.0)
+            pd = power(abs(sd), q_a, a_sl - 1.0)
+            Ha = h0 * pa * sa
+            Hb = h0 * pb * sb
+            Hc = h0 * pc * sc
+            Hd = h0 * pd * sd
+            dHa = -h0 * a_sl * pa * ra
+            dHb = -h0 * a_sl * pb * rb
+            dHc = -h0 * a_sl * pc * rc
+            dHd = -h0 * a_sl * pd * rdd
+            if it == 2:
+                break
+            xa = xa - (xa - na - Ha * G) / (1.0 - dHa * G)
+            xb = xb - (xb - nb - Hb * G) / (1.0 - dHb * G)
+            xc = xc - (xc - nc - Hc * G) / (1.0 - dHc * G)
+            xd = xd - (xd - nd - Hd * G) / (1.0 - dHd * G)
+        xs[0], xs[1], xs[2], xs[3] = xa, xb, xc, xd
+        us[0] = Ha / (1.0 - dHa * G)
+        us[1] = Hb / (1.0 - dHb * G)
+        us[2] = Hc / (1.0 - dHc * G)
+        us[3] = Hd / (1.0 - dHd * G)
+        nf = 0
+    for f in range(nf):
         xsn = xin[first[f]]
-        rinf = 1.0 / xs_inf[f]  # (divisions are the slowest operations here: one per family, not six)
+        rinf = xs_inf[f]  # the reciprocal of xi_inf (see _block): one division per family and call, not six
         x = xsn
         H = 0.0
         dH = 0.0
@@ -114,36 +153,67 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, ns, first, family, xs_inf, rat
         for a in range(ns, nsys):
             xi[a] = xin[a] + add
             u[a] = ut
+    # 1 / xi into dgd first (the systems of a family share their resistance: one division per family)
+    last = -1.0
+    rxi = 0.0
     for a in range(nsys):
-        tau = (((((y0 * P0[a, 0]) + y1 * P0[a, 1]) + y2 * P0[a, 2]) + y3 * P0[a, 3]) + y4 * P0[a, 4]) + y5 * P0[a, 5]
-        rxi = 1.0 / xi[a]
-        ratio = tau * rxi
-        if ratio > 1e3:
-            ratio = 1e3
-        elif ratio < -1e3:
-            ratio = -1e3
-        powm1 = power(abs(ratio), q_n, n_exp - 1.0)
-        g = rate * powm1 * ratio
-        gd = (rate * n_exp) * powm1
-        if a >= ns:
-            fac = tf if ratio > 0 else 0.0
-            g *= fac
-            gd *= fac
-        dg[a] = g
-        dgd[a] = gd * rxi
-        dgx[a] = -n_exp * g * rxi
+        if xi[a] != last:
+            last = xi[a]
+            rxi = 1.0 / last
+        dgd[a] = rxi
+    # the flow law without branches and with contiguous loads (P0T = P0^T), so the compiler can run
+    # several systems at once in vector registers: each system's operations, and their order, as before
+    rg = rate * n_exp
+    if q_n == 76:
+        for a in range(nsys):
+            rxi = dgd[a]
+            tau = (((((y0 * P0T[0, a]) + y1 * P0T[1, a]) + y2 * P0T[2, a]) + y3 * P0T[3, a]) + y4 * P0T[4, a]) + y5 * P0T[5, a]
+            ratio = tau * rxi
+            ratio = 1e3 if ratio > 1e3 else ratio
+            ratio = -1e3 if ratio < -1e3 else ratio
+            x = abs(ratio)
+            x2 = x * x
+            x4 = x2 * x2
+            x8 = x4 * x4
+            powm1 = (x * x2) * (x8 * x8)
+            g = rate * powm1 * ratio
+            gd = rg * powm1
+            fac = 1.0 if a < ns else (tf if ratio > 0 else 0.0)
+            g = g * fac if a >= ns else g
+            gd = gd * fac if a >= ns else gd
+            dg[a] = g
+            dgd[a] = gd * rxi
+            dgx[a] = -n_exp * g * rxi
+    else:
+        for a in range(nsys):
+            rxi = dgd[a]
+            tau = (((((y0 * P0T[0, a]) + y1 * P0T[1, a]) + y2 * P0T[2, a]) + y3 * P0T[3, a]) + y4 * P0T[4, a]) + y5 * P0T[5, a]
+            ratio = tau * rxi
+            ratio = 1e3 if ratio > 1e3 else ratio
+            ratio = -1e3 if ratio < -1e3 else ratio
+            powm1 = power(abs(ratio), q_n, n_exp - 1.0)
+            g = rate * powm1 * ratio
+            gd = rg * powm1
+            if a >= ns:
+                fac = tf if ratio > 0 else 0.0
+                g *= fac
+                gd *= fac
+            dg[a] = g
+            dgd[a] = gd * rxi
+            dgx[a] = -n_exp * g * rxi
     # sums over the systems with the outputs innermost: six independent chains of additions (in the
     # order a = 0, 1, ...) that the CPU overlaps, instead of one chain of 30 dependent additions each
-    e0 = e1 = e2 = e3 = e4 = e5 = 0.0  # (accumulators in registers; zero terms skipped: twins at tau <= 0)
+    # (accumulators in registers; the zero terms of twins at tau <= 0 are added, not branched around: an
+    # unpredictable branch costs more than six additions, and adding zero changes no bit of a sum)
+    e0 = e1 = e2 = e3 = e4 = e5 = 0.0
     for a in range(nsys):
         w = dg[a]
-        if w != 0.0:
-            e0 += w * P0[a, 0]
-            e1 += w * P0[a, 1]
-            e2 += w * P0[a, 2]
-            e3 += w * P0[a, 3]
-            e4 += w * P0[a, 4]
-            e5 += w * P0[a, 5]
+        e0 += w * P0[a, 0]
+        e1 += w * P0[a, 1]
+        e2 += w * P0[a, 2]
+        e3 += w * P0[a, 3]
+        e4 += w * P0[a, 4]
+        e5 += w * P0[a, 5]
     acc[0], acc[1], acc[2], acc[3], acc[4], acc[5] = e0, e1, e2, e3, e4, e5
     for i in range(6):
         s = 0.0
@@ -354,6 +424,65 @@ def solve_in_place(A, b, n, rd):
 
 
 @njit(inline="always", **_OPTS)
+def lu_solve(A, b, n, rd, piv):
+    """As :func:`solve_in_place`, keeping the factors: ``A`` becomes the LU factors of the row-permuted
+    matrix (multipliers below the diagonal), ``piv`` (>= n,) the row swapped with each row, ``rd`` the
+    reciprocal pivots, so :func:`lu_block` can solve further right-hand sides."""
+    for c in range(n):
+        p = c
+        best = abs(A[c, c])
+        for i in range(c + 1, n):
+            if abs(A[i, c]) > best:
+                best = abs(A[i, c])
+                p = i
+        piv[c] = p
+        if p != c:
+            for j in range(n):
+                A[c, j], A[p, j] = A[p, j], A[c, j]
+            b[c], b[p] = b[p], b[c]
+        rd[c] = 1.0 / A[c, c]
+        for i in range(c + 1, n):
+            m = A[i, c] * rd[c]
+            A[i, c] = m
+            if m != 0.0:
+                for j in range(c + 1, n):
+                    A[i, j] -= m * A[c, j]
+                b[i] -= m * b[c]
+    for c in range(n - 1, -1, -1):
+        s = b[c]
+        for j in range(c + 1, n):
+            s -= A[c, j] * b[j]
+        b[c] = s * rd[c]
+
+
+@njit(inline="always", **_OPTS)
+def lu_block(A, n, rd, piv, K, Ms, e):
+    """The first six columns of ``J^-1`` from the factors of :func:`lu_solve`: ``K`` (6, 6) its stress rows,
+    ``Ms`` (n - 6, 6) its shear rows; ``e`` (>= n,) scratch."""
+    for col in range(6):
+        for i in range(n):
+            e[i] = 1.0 if i == col else 0.0
+        for c in range(n):
+            p = piv[c]
+            if p != c:
+                e[c], e[p] = e[p], e[c]
+        for i in range(1, n):
+            s = e[i]
+            for k in range(i):
+                s -= A[i, k] * e[k]
+            e[i] = s
+        for c in range(n - 1, -1, -1):
+            s = e[c]
+            for j in range(c + 1, n):
+                s -= A[c, j] * e[j]
+            e[c] = s * rd[c]
+        for i in range(6):
+            K[i, col] = e[i]
+        for i in range(6, n):
+            Ms[i - 6, col] = e[i]
+
+
+@njit(inline="always", **_OPTS)
 def inverse6(A, K, W):
     """``K = A^-1`` (6, 6) by Gauss-Jordan elimination with partial pivoting; ``W`` (6, 12) scratch."""
     for i in range(6):
@@ -384,10 +513,77 @@ def inverse6(A, K, W):
             K[i, j] = W[i, 6 + j]
 
 
+@njit(inline="always", **_OPTS)
+def consistent_block(J, ny, W, K, Ms):
+    """``K`` (6, 6) = the stress-stress block of ``J^-1`` and ``Ms`` (ny - 6, 6) its shear-stress block (d shears /
+    d eps, crystal frame) (``J`` (ny, ny), the local Jacobian; destroyed
+    as scratch, with ``W`` (>= ny, >= ny + 6)): the tangent d sigma / d eps of the fully implicit update,
+    hardening included (the Schur complement ``(A - B D^-1 C)^-1``), by Gauss-Jordan elimination with
+    partial pivoting on ``[J | I_6; 0]``. Returns False if a pivot is zero or not finite."""
+    m = ny + 6
+    for i in range(ny):
+        for j in range(ny):
+            W[i, j] = J[i, j]
+        for j in range(6):
+            W[i, ny + j] = 1.0 if i == j else 0.0
+    for c in range(ny):
+        piv = c
+        best = abs(W[c, c])
+        for i in range(c + 1, ny):
+            if abs(W[i, c]) > best:
+                best = abs(W[i, c])
+                piv = i
+        if not (best > 0.0) or not math.isfinite(best):
+            return False
+        if piv != c:
+            for j in range(m):
+                W[c, j], W[piv, j] = W[piv, j], W[c, j]
+        rd = 1.0 / W[c, c]
+        for j in range(c, m):
+            W[c, j] *= rd
+        for i in range(ny):
+            if i != c:
+                f = W[i, c]
+                if f != 0.0:
+                    for j in range(c, m):
+                        W[i, j] -= f * W[c, j]
+    for i in range(6):
+        for j in range(6):
+            K[i, j] = W[i, ny + j]
+    for i in range(6, ny):
+        for j in range(6):
+            Ms[i - 6, j] = W[i, ny + j]
+    return True
+
+
+@njit(inline="always", **_OPTS)
+def symmetric_positive(K, L):
+    """Symmetrise ``K`` (6, 6) in place; True if it is then positive definite (Cholesky into ``L`` scratch)."""
+    for i in range(6):
+        for j in range(i + 1, 6):
+            s = 0.5 * (K[i, j] + K[j, i])
+            K[i, j] = s
+            K[j, i] = s
+    for j in range(6):
+        s = K[j, j]
+        for k in range(j):
+            s -= L[j, k] * L[j, k]
+        if not (s > 0.0):
+            return False
+        d = math.sqrt(s)
+        L[j, j] = d
+        for i in range(j + 1, 6):
+            t = K[i, j]
+            for k in range(j):
+                t -= L[i, k] * L[j, k]
+            L[i, j] = t / d
+    return True
+
+
 @njit(parallel=True, **_OPTS)
 def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf, rate,
-            n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local,
-            sig_out, K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
+            n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, consistent,
+            sig_out, K_out, M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
     """All voxels, in blocks of ``BLOCK``; each voxel reads only its own inputs, so the split over threads
     does not change any result."""
     M = gid.shape[0]
@@ -395,18 +591,22 @@ def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, 
     for blk in numba.prange(nblocks):
         _block(blk * BLOCK, min(M, (blk + 1) * BLOCK), gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0,
                PP, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel,
-               max_local, sig_out, K_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out)
+               max_local, consistent, sig_out, K_out, M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out)
 
 
 @njit(**_OPTS)
 def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf,
-           rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, sig_out, K_out, xi_out,
-           dg_out, shears_out, deps_out, conv_out, it_out):
+           rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, consistent, sig_out, K_out,
+           M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
     """The update of voxels ``lo:hi`` (see :func:`update_voxels`), with one set of scratch arrays."""
     nsys = P0.shape[0]
     nk = shears0.shape[1]
     nf = first.shape[0]
     ny = 6 + nk
+    P0T = np.ascontiguousarray(P0.T)  # (6, N_s): contiguous per component for the flow law
+    rinf = np.empty(nf)  # 1 / xi_inf per slip family: the residual multiplies by it
+    for f in range(nf):
+        rinf[f] = 1.0 / xs_inf[f]
     y = np.empty(ny)
     tgt = np.empty(6)
     ynew = np.empty(ny)
@@ -422,6 +622,12 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
     J = np.empty((ny, ny))
     K = np.empty((6, 6))
     W = np.empty((6, 12))
+    WJ = np.empty((ny, ny + 6))
+    L = np.empty((6, 6))
+    Ms = np.empty((nk, 6))
+    rdv = np.empty(ny)
+    piv = np.empty(ny, dtype=np.int64)
+    ev = np.empty(ny)
     acc = np.empty(24)
     for m in range(lo, hi):
         g = gid[m]
@@ -441,7 +647,7 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
             y[6 + k] = shears0[m, k]
         tol = tol_abs + tol_rel * amax
         xin = xi_n[m]
-        f = residual(y, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate, n_exp, q_n,
+        f = residual(y, tgt, xin, tf[m], slip_n[m], nk, S0, P0, P0T, ns, first, family, rinf, rate, n_exp, q_n,
                      a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
         converged = False
         iterations = 0
@@ -458,11 +664,23 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                 if not abs(r[6 + k]) < tol:
                     done = False
             if done:
-                stress_block(dgd, S0, PP, J, acc)
-                for i in range(6):
-                    for j in range(6):
-                        K[i, j] = J[i, j]
-                inverse6(K, K, W)
+                good = False
+                if consistent:
+                    if it > 0:  # J holds the factors of the last step's Jacobian: reuse them
+                        lu_block(J, ny, rdv, piv, K, Ms, ev)
+                        good = symmetric_positive(K, L)
+                    else:
+                        jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
+                        good = consistent_block(J, ny, WJ, K, Ms) and symmetric_positive(K, L)
+                if not good:  # the tangent at fixed resistances (always SPD), no shear prediction
+                    for k in range(nk):
+                        for j in range(6):
+                            Ms[k, j] = 0.0
+                    stress_block(dgd, S0, PP, J, acc)
+                    for i in range(6):
+                        for j in range(6):
+                            K[i, j] = J[i, j]
+                    inverse6(K, K, W)
                 converged = True
                 break
             if it == max_local:
@@ -470,7 +688,7 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
             jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
             for i in range(ny):
                 dy[i] = -r[i]
-            solve_in_place(J, dy, ny, ynew)
+            lu_solve(J, dy, ny, rdv, piv)
             # backtracking line search on |r|^2 (the power law with n = 20 overshoots easily): the full
             # step, then up to 16 halvings, the last one taken unchecked, as Material._local (one call
             # site of the inlined residual here, not two: shorter compilation)
@@ -481,7 +699,7 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                     alpha *= 0.5
                 for i in range(ny):
                     ynew[i] = y[i] + alpha * dy[i]
-                f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, ns, first, family, xs_inf, rate,
+                f = residual(ynew, tgt, xin, tf[m], slip_n[m], nk, S0, P0, P0T, ns, first, family, rinf, rate,
                              n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
                 if math.isfinite(f) and f <= (1.0 - 1e-4 * alpha) * f0:
                     break
@@ -529,7 +747,17 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                     s = 0.5 * (K_out[m, i, j] + K_out[m, j, i])
                     K_out[m, i, j] = s
                     K_out[m, j, i] = s
+            # d shears / d eps in the lab frame: Ms Q^T
+            for k in range(nk):
+                for j in range(6):
+                    s = 0.0
+                    for i in range(6):
+                        s += Ms[k, i] * Qg[j, i]
+                    M_out[m, k, j] = s
         else:
+            for k in range(nk):
+                for j in range(6):
+                    M_out[m, k, j] = 0.0
             for a in range(nsys):
                 xi_out[m, a] = xin[a]
                 dg_out[m, a] = 0.0
@@ -591,6 +819,41 @@ def _matvec(K, x, out):
                 out[m, i] = s
 
 
+@njit(parallel=True, **_OPTS)
+def cg_dot(a, b, out):
+    """``out[i] = a[i] . b[i]`` for (B, L) arrays: one sum per VE, in index order (the same bits for any
+    number of threads)."""
+    for i in numba.prange(a.shape[0]):
+        s = 0.0
+        for j in range(a.shape[1]):
+            s += a[i, j] * b[i, j]
+        out[i] = s
+
+
+@njit(parallel=True, **_OPTS)
+def cg_step(x, r, p, Ap, alpha, rr):
+    """One pass of conjugate gradients over (B, L) arrays: ``x += alpha p``, ``r -= alpha Ap`` (in place) and
+    ``rr[i] = r[i] . r[i]`` (index order), per VE ``i``."""
+    for i in numba.prange(x.shape[0]):
+        a = alpha[i]
+        s = 0.0
+        for j in range(x.shape[1]):
+            x[i, j] = x[i, j] + a * p[i, j]
+            t = r[i, j] - a * Ap[i, j]
+            r[i, j] = t
+            s += t * t
+        rr[i] = s
+
+
+@njit(parallel=True, **_OPTS)
+def cg_direction(p, r, beta):
+    """``p = r + beta p`` in place, per VE, for (B, L) arrays."""
+    for i in numba.prange(p.shape[0]):
+        b = beta[i]
+        for j in range(p.shape[1]):
+            p[i, j] = r[i, j] + b * p[i, j]
+
+
 def green(th: np.ndarray, n1: np.ndarray, n2: np.ndarray, n3: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Fourier-space step of the Galerkin projection (``cp.Projection``) on ``th`` (B, n, n, m, 6) complex128:
     one pass instead of ~40 torch operations. Returns a new (B, n, n, m, 6) complex128 array."""
@@ -627,7 +890,7 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
                   tf: np.ndarray, slip_n: np.ndarray, sig0: np.ndarray, shears0: np.ndarray, *, S0: np.ndarray,
                   P0: np.ndarray, n_slip: int, first: np.ndarray, family: np.ndarray, xs_inf: np.ndarray,
                   rate: float, n: float, a_sl: float, h_0_sl_sl: float, h_0_tw_sl: float, h_0_tw_tw: float,
-                  tol_abs: float, tol_rel: float, max_local: int) -> dict[str, np.ndarray]:
+                  tol_abs: float, tol_rel: float, max_local: int, consistent: bool = False) -> dict[str, np.ndarray]:
     """Backward-Euler update of M voxels, float64, lab frame in and out (see ``Material._local``).
 
     Inputs: ``gid`` (M,) grain of each voxel; ``Q`` (G, 6, 6) Mandel rotations crystal -> lab; ``C`` (G, 6, 6)
@@ -644,7 +907,7 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
     """
     M, nsys, nk = gid.shape[0], P0.shape[0], shears0.shape[1]
     out = {
-        "sig": np.empty((M, 6)), "K": np.empty((M, 6, 6)), "xi": np.empty((M, nsys)), "dg": np.empty((M, nsys)),
+        "sig": np.empty((M, 6)), "K": np.empty((M, 6, 6)), "M": np.empty((M, nk, 6)), "xi": np.empty((M, nsys)), "dg": np.empty((M, nsys)),
         "shears": np.empty((M, nk)), "deps_p": np.empty((M, 6)), "converged": np.empty(M, dtype=np.bool_),
         "iterations": np.empty(M, dtype=np.int64),
     }
@@ -655,7 +918,7 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
        f64(sig0), f64(shears0), f64(S0), f64(P0), _outer_upper(f64(P0)), int(n_slip), np.ascontiguousarray(first, dtype=np.int64),
        np.ascontiguousarray(family, dtype=np.int64), f64(xs_inf), float(rate), float(n), _quarters(n - 1.0),
        float(a_sl), _quarters(a_sl - 1.0), float(h_0_sl_sl), float(h_0_tw_sl), float(h_0_tw_tw), float(tol_abs),
-       float(tol_rel), int(max_local), out["sig"], out["K"], out["xi"], out["dg"], out["shears"], out["deps_p"],
+       float(tol_rel), int(max_local), bool(consistent), out["sig"], out["K"], out["M"], out["xi"], out["dg"], out["shears"], out["deps_p"],
        out["converged"], out["iterations"])
     if first_call:
         _FIRST_CALL["s"] = time.perf_counter() - start
