@@ -190,12 +190,15 @@ def fingerprint(
     # 2-point PCA per crystal family (the local state differs): fitted on the first twopoint_max_fit
     # training VEs; a family that the training set does not have (hcp) gets a PCA of its own first set.
     pcas: dict[str, TwoPointPCA] = {}
+    # The features of the fit VEs, kept to be projected in the table loop below rather than computed
+    # twice: set name -> (ve_id, features) per batch (the fit reads the same batches in the same order).
+    fitted: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 
     def pca_for(family: str, set_name: str) -> TwoPointPCA:
         if family not in pcas:
-            feats = [twopoint_features(b, params, device)
-                     for b in iter_set_batches(data / set_name, ev.batch_size, ev.twopoint_max_fit, params.ve_size)]
-            fit = np.concatenate(feats)
+            fitted[set_name] = [(b.ve_id, twopoint_features(b, params, device))
+                                for b in iter_set_batches(data / set_name, ev.batch_size, ev.twopoint_max_fit, params.ve_size)]
+            fit = np.concatenate([f for _, f in fitted[set_name]])
             pcas[family] = pca = TwoPointPCA(k, params.seed).fit(fit)
             log.info(f"2-point baseline ({family}): {fit.shape[1]} features per VE (window +-{window_voxels(params)} "
                  f"voxels), PCA on {fit.shape[0]} {set_name} VEs, {pca.pca.n_components_} of {k} components"
@@ -209,12 +212,18 @@ def fingerprint(
     micro: dict[str, np.ndarray] = {}  # input-space descriptors of the OOD check (microfp.ood)
     for name in sets:
         ids, zs, z2s, descs, ms = [], [], [], [], []
-        for batch in iter_set_batches(data / name, ev.batch_size, None, params.ve_size):
+        for i, batch in enumerate(iter_set_batches(data / name, ev.batch_size, None, params.ve_size)):
             mu = vae.encode(batch.x.to(device))[0]
             zs.append(mu.float().cpu().numpy())
             if ood_out is not None:
                 ms.append(ood.microstructure_descriptor(batch.x.numpy(), batch.crystal))
-            z2s.append(pca_for(batch.crystal, name).transform(twopoint_features(batch, params, device)))
+            pca = pca_for(batch.crystal, name)
+            kept = fitted.get(name, [])
+            if i < len(kept) and np.array_equal(kept[i][0], batch.ve_id):
+                feats = kept[i][1]
+            else:
+                feats = twopoint_features(batch, params, device)
+            z2s.append(pca.transform(feats))
             ids.append(batch.ve_id)
             descs.append(descriptors(batch))
         ve_id = np.concatenate(ids)
@@ -222,6 +231,7 @@ def fingerprint(
         write_table(make_table(name, ve_id, np.concatenate(zs), desc), out / f"{name}.parquet")
         write_table(make_table(name, ve_id, np.concatenate(z2s), desc), out_2pt / f"{name}.parquet")
         counts[name] = len(ve_id)
+        fitted.pop(name, None)  # (B, F) float32 per batch: free it once the set is written
         vae_z[name] = np.concatenate(zs)
         if ms:
             micro[name] = np.concatenate(ms)

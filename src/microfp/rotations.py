@@ -153,6 +153,9 @@ def reduce_to_fz(q: torch.Tensor, family: str, dim: int = -1) -> torch.Tensor:
     return out.reshape(qm.shape).movedim(-1, dim)
 
 
+ALIGN_CHUNK = 1 << 18  # orientations per step of :func:`align_to` (bounds its (N, S) and (N, 16) temporaries)
+
+
 def align_to(q: torch.Tensor, ref: torch.Tensor, family: str, dim: int = -1) -> torch.Tensor:
     """The symmetric equivalent ``s * q`` (and sign) of each orientation closest to ``ref`` (same
     shape, broadcast; components along ``dim``): what makes orientations of one texture component
@@ -161,11 +164,13 @@ def align_to(q: torch.Tensor, ref: torch.Tensor, family: str, dim: int = -1) -> 
     mats = _left_matrices(sym)  # (S, 4, 4)
     qm, rm = q.movedim(dim, -1), torch.broadcast_to(ref, q.shape).movedim(dim, -1)
     flat, rflat = qm.reshape(-1, 4), rm.reshape(-1, 4)
-    eq = torch.einsum("sij,nj->nsi", mats, flat)  # (N, S, 4)
-    dots = torch.einsum("nsi,ni->ns", eq, rflat)
-    best = dots.abs().argmax(dim=1)
-    out = eq[torch.arange(len(flat)), best]
-    out = torch.where((out * rflat).sum(-1, keepdim=True) < 0, -out, out)
+    out = torch.empty_like(flat)
+    for part in torch.arange(len(flat), device=q.device).split(ALIGN_CHUNK):
+        f, r = flat[part], rflat[part]
+        # r . (M_s f) = sum_ij r_i f_j M_sij: one (N, 16) x (16, S) product, not all S equivalents
+        dots = (r.unsqueeze(-1) * f.unsqueeze(-2)).reshape(-1, 16) @ mats.reshape(-1, 16).T  # (N, S)
+        best = torch.bmm(mats[dots.abs().argmax(dim=1)], f.unsqueeze(-1)).squeeze(-1)  # (N, 4)
+        out[part] = torch.where((best * r).sum(-1, keepdim=True) < 0, -best, best)
     return out.reshape(qm.shape).movedim(-1, dim)
 
 
