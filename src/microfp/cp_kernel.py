@@ -244,24 +244,70 @@ def residual(y, tgt, xin, tf, slip_n, nk, S0, P0, P0T, ns, first, family, xs_inf
 @njit(inline="always", **_OPTS)
 def stress_block(dgd, S0, PP, A, acc):
     """``A = S0 + sum_a dgd_a p_a p_a^T`` (6, 6), symmetric; ``PP`` (N_s, 21) holds the upper triangles of
-    ``p_a p_a^T`` row by row. The 21 sums run in ``acc`` (>= 21,) in the order a = 0, 1, ...: as a loop over
-    the 21 entries inside the loop over the systems, which the compiler runs in vector registers (the 21
-    sums are independent: each still adds its terms in the same order, so the same bits as scalar sums);
-    terms with ``dgd_a = 0`` (twins at tau <= 0) are skipped, which changes no bit."""
+    ``p_a p_a^T`` row by row. The 21 sums are locals (registers), in the order a = 0, 1, ...; terms with
+    ``dgd_a = 0`` (twins at tau <= 0) are skipped, which changes no bit. ``acc`` unused (signature)."""
     nsys = PP.shape[0]
-    for k in range(21):
-        acc[k] = 0.0
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = c12 = c13 = c14 = c15 = c16 = c17 = c18 = c19 = c20 = 0.0
     for a in range(nsys):
         w = dgd[a]
         if w != 0.0:
-            for k in range(21):
-                acc[k] += w * PP[a, k]
-    k = 0
-    for i in range(6):
-        for j in range(i, 6):
-            A[i, j] = S0[i, j] + acc[k]
-            A[j, i] = A[i, j]
-            k += 1
+            c0 += w * PP[a, 0]
+            c1 += w * PP[a, 1]
+            c2 += w * PP[a, 2]
+            c3 += w * PP[a, 3]
+            c4 += w * PP[a, 4]
+            c5 += w * PP[a, 5]
+            c6 += w * PP[a, 6]
+            c7 += w * PP[a, 7]
+            c8 += w * PP[a, 8]
+            c9 += w * PP[a, 9]
+            c10 += w * PP[a, 10]
+            c11 += w * PP[a, 11]
+            c12 += w * PP[a, 12]
+            c13 += w * PP[a, 13]
+            c14 += w * PP[a, 14]
+            c15 += w * PP[a, 15]
+            c16 += w * PP[a, 16]
+            c17 += w * PP[a, 17]
+            c18 += w * PP[a, 18]
+            c19 += w * PP[a, 19]
+            c20 += w * PP[a, 20]
+    A[0, 0] = S0[0, 0] + c0
+    A[0, 1] = S0[0, 1] + c1
+    A[1, 0] = A[0, 1]
+    A[0, 2] = S0[0, 2] + c2
+    A[2, 0] = A[0, 2]
+    A[0, 3] = S0[0, 3] + c3
+    A[3, 0] = A[0, 3]
+    A[0, 4] = S0[0, 4] + c4
+    A[4, 0] = A[0, 4]
+    A[0, 5] = S0[0, 5] + c5
+    A[5, 0] = A[0, 5]
+    A[1, 1] = S0[1, 1] + c6
+    A[1, 2] = S0[1, 2] + c7
+    A[2, 1] = A[1, 2]
+    A[1, 3] = S0[1, 3] + c8
+    A[3, 1] = A[1, 3]
+    A[1, 4] = S0[1, 4] + c9
+    A[4, 1] = A[1, 4]
+    A[1, 5] = S0[1, 5] + c10
+    A[5, 1] = A[1, 5]
+    A[2, 2] = S0[2, 2] + c11
+    A[2, 3] = S0[2, 3] + c12
+    A[3, 2] = A[2, 3]
+    A[2, 4] = S0[2, 4] + c13
+    A[4, 2] = A[2, 4]
+    A[2, 5] = S0[2, 5] + c14
+    A[5, 2] = A[2, 5]
+    A[3, 3] = S0[3, 3] + c15
+    A[3, 4] = S0[3, 4] + c16
+    A[4, 3] = A[3, 4]
+    A[3, 5] = S0[3, 5] + c17
+    A[5, 3] = A[3, 5]
+    A[4, 4] = S0[4, 4] + c18
+    A[4, 5] = S0[4, 5] + c19
+    A[5, 4] = A[4, 5]
+    A[5, 5] = S0[5, 5] + c20
 
 
 @njit(**_OPTS)  # not inlined by numba (module docstring)
