@@ -105,7 +105,7 @@ GPU_CHUNK = 2**18
 _DEBUG = False
 EXTRAPOLATE = 1.0  # weight of the rates' slopes in the first guess of an increment
 # local Newton tolerance (strain) of each increment's first update, at the extrapolated guess: its error
-# (~1e-3 relative) is far above the equilibrium tolerance, so its stress need not be exact to 1e-10
+# (~1e-3 relative) is far above the equilibrium tolerance, so its stress need not be exact to LOCAL_TOL
 LOOSE_LOCAL_TOL = 1e-7
 # local Newton tolerance (strain) of the other updates, float64: a stress error of ~50 Pa per voxel, ~1e-6 of the
 # stresses of a plastic VE, below the equilibrium tolerance (1e-5); 1e-10 (solver v5) took 25 % more local steps
