@@ -401,39 +401,11 @@ def jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc):
 
 
 @njit(inline="always", **_OPTS)
-def solve_in_place(A, b, n, rd):
-    """Overwrite ``b`` (n,) with ``A^-1 b`` by Gaussian elimination with partial pivoting (A destroyed);
-    ``rd`` (>= n,) scratch for the reciprocals of the pivots (one division per pivot)."""
-    for c in range(n):
-        piv = c
-        best = abs(A[c, c])
-        for i in range(c + 1, n):
-            if abs(A[i, c]) > best:
-                best = abs(A[i, c])
-                piv = i
-        if piv != c:
-            for j in range(n):
-                A[c, j], A[piv, j] = A[piv, j], A[c, j]
-            b[c], b[piv] = b[piv], b[c]
-        rd[c] = 1.0 / A[c, c]
-        for i in range(c + 1, n):
-            m = A[i, c] * rd[c]
-            if m != 0.0:
-                for j in range(c + 1, n):
-                    A[i, j] -= m * A[c, j]
-                b[i] -= m * b[c]
-    for c in range(n - 1, -1, -1):
-        s = b[c]
-        for j in range(c + 1, n):
-            s -= A[c, j] * b[j]
-        b[c] = s * rd[c]
-
-
-@njit(inline="always", **_OPTS)
 def lu_solve(A, b, n, rd, piv):
-    """As :func:`solve_in_place`, keeping the factors: ``A`` becomes the LU factors of the row-permuted
-    matrix (multipliers below the diagonal), ``piv`` (>= n,) the row swapped with each row, ``rd`` the
-    reciprocal pivots, so :func:`lu_block` can solve further right-hand sides."""
+    """Overwrite ``b`` (n,) with ``A^-1 b`` by Gaussian elimination with partial pivoting, keeping the
+    factors: ``A`` becomes the LU factors of the row-permuted matrix (multipliers below the diagonal),
+    ``piv`` (>= n,) the row swapped with each row, ``rd`` the reciprocal pivots (one division per pivot),
+    so :func:`lu_block` can solve further right-hand sides."""
     for c in range(n):
         p = c
         best = abs(A[c, c])
