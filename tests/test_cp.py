@@ -382,10 +382,12 @@ def test_a_ve_that_cannot_converge_is_reported_not_raised(hcp_ves):
 @pytest.mark.parametrize("twinning", [True, False])
 def test_fused_kernel_gives_the_torch_curves(hcp_ves, twinning):
     """The numba kernel (CPU float64 default) and the torch local update: the same curves to round-off
-    (<= 1e-10 relative), the same Newton and CG iterations, on an 8^3 polycrystal into plastic flow."""
+    (<= 1e-10 relative), the same Newton and CG iterations, on an 8^3 polycrystal into plastic flow. (CG in
+    float64: in float32 the two CG implementations' round-off, ~1e-8 of the curves, would hide the kernels'.)"""
     euler = [hcp_ves.grain_euler(0).astype(np.float64)]
     load = cp.Load(strain=0.006, rate=1e-3, increments=6)
-    runs = {k: cp.solve(_coarse(hcp_ves)[None], euler, load, cp.SolverSettings(twinning=twinning, kernel=k))[0]
+    runs = {k: cp.solve(_coarse(hcp_ves)[None], euler, load,
+                        cp.SolverSettings(twinning=twinning, kernel=k, cg_dtype="float64"))[0]
             for k in ("numba", "torch")}
     fused, ref = runs["numba"], runs["torch"]
     assert fused.converged and ref.converged
@@ -432,3 +434,42 @@ def test_kernel_setting_is_checked():
     with pytest.raises(ValueError, match="float64 only"):
         cp.Material([np.zeros((1, 3))], kernel="numba", dtype=torch.float32)
     assert cp.Material([np.zeros((1, 3))], kernel="auto", dtype=torch.float32).kernel == "torch"
+
+
+@pytest.mark.parametrize("tangent,max_local", [("consistent", 60), ("fixed", 60), ("consistent", 2)])
+def test_lazy_tangents_are_the_eager_ones(tangent, max_local):
+    """The fused kernel's tangents computed after the update, for some VEs only (``update(lazy=True)``, as the
+    solver asks for them): the same bits as computed with the update, converged voxels or not."""
+    mat, g, xi_n, y, hist, target = _local_problem(n_voxels=256)
+    mat.tangent, mat.max_local = tangent, max_local
+    B, V = 2, 128
+    rng = np.random.default_rng(3)
+    state = cp.State(eps_p=torch.as_tensor(rng.normal(0, 1e-3, (B, V, 6))), xi=xi_n.reshape(B, V, -1).clone(),
+                     gamma_tw=torch.as_tensor(rng.uniform(0, 2e-3, (B, V, mat.n_twin))),
+                     gamma_sl=hist[:, 1:2].reshape(B, V, 1).clone())
+    eps = state.eps_p + 5 * target.reshape(B, V, 6)
+    guess = (torch.zeros(B, V, 6, dtype=y.dtype), torch.zeros(B, V, y.shape[1] - 6, dtype=y.dtype))
+    sig, K, _, _, ok, _, M = mat.update(g.reshape(B, V), eps, state, *guess, 0.5)
+    sig_l, tangents, _, _, ok_l, _, none = mat.update(g.reshape(B, V), eps, state, *guess, 0.5, lazy=True)
+    assert none is None and torch.equal(sig, sig_l) and torch.equal(ok, ok_l)
+    assert bool(ok.all()) == (max_local == 60)
+    for members in ([False, True], [True, True], [True, False]):
+        sel = torch.tensor(members)
+        K_l, M_l = tangents.take(sel)
+        assert torch.equal(K_l, K[sel]) and torch.equal(M_l, M[sel])
+
+
+def test_float32_cg_gives_the_float64_curve_on_any_thread_count(hcp_ves):
+    """``cg_dtype="float32"``: the Newton steps by float32 CG and FFTs, the residual and the local update in float64:
+    the curve of the float64 solver within its tolerance, and the same bits on one thread and on two."""
+    euler = [hcp_ves.grain_euler(0).astype(np.float64)]
+    load = cp.Load(strain=0.004, rate=1e-3, increments=8)
+    f64 = cp.solve(_coarse(hcp_ves)[None], euler, load)[0]
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append(cp.solve(_coarse(hcp_ves)[None], euler, load, cp.SolverSettings(cg_dtype="float32"))[0])
+    torch.set_num_threads(1)
+    assert all(r.converged and r.max_residual < 1e-5 for r in runs)
+    assert runs[0].stress_xx.tobytes() == runs[1].stress_xx.tobytes()
+    assert np.abs(runs[0].stress_xx[1:] / f64.stress_xx[1:] - 1).max() < 1e-5

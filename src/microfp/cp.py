@@ -62,9 +62,14 @@ Physics (small strain; at 1 % strain the rotations and stretches neglected are o
   small-strain stress's counterpart, and its Cauchy stress exceeds it by ~0.3-0.5 % once grains flow.
 * Implementation: on a CPU in float64 the voxel update, the projection's Fourier-space step, the
   tangent product and CG's vector updates run as fused numba kernels (:mod:`microfp.cp_kernel`, ``SolverSettings.kernel``): the
-  same steps as the torch code here, so the same curves to round-off; torch on GPUs and in float32.
+  same steps as the torch code here, so the same curves to round-off; torch on GPUs and in float32. The
+  fused kernel computes tangents only for the VEs still iterating (:class:`Tangents`): the update that
+  brings a VE into equilibrium needs none.
 * Precision: float64 by default; float32 (``SolverSettings.dtype``) halves the memory traffic, which
-  bounds the voxel update, and gives the same curves to the equilibrium tolerance (tests).
+  bounds the voxel update, and gives the same curves to the equilibrium tolerance (tests). The CG solve
+  of each Newton step runs in float32 (``SolverSettings.cg_dtype``) whatever ``dtype``: the step is needed
+  to ~1e-2 (``cg_forcing``) only, and the residual and the local update, which set the solution, stay in
+  ``dtype``; the same Newton and CG iterations as float64 CG, curves within 2e-8.
 
 Tensors are held in Mandel notation (11, 22, 33, sqrt2 23, sqrt2 13, sqrt2 12), an orthonormal basis
 of symmetric tensors, so dot products of 6-vectors are double contractions.
@@ -100,8 +105,12 @@ GPU_CHUNK = 2**18
 _DEBUG = False
 EXTRAPOLATE = 1.0  # weight of the rates' slopes in the first guess of an increment
 # local Newton tolerance (strain) of each increment's first update, at the extrapolated guess: its error
-# (~1e-3 relative) is far above the equilibrium tolerance, so its stress need not be exact to 1e-10
+# (~1e-3 relative) is far above the equilibrium tolerance, so its stress need not be exact to LOCAL_TOL
 LOOSE_LOCAL_TOL = 1e-7
+# local Newton tolerance (strain) of the other updates, float64: a stress error of ~50 Pa per voxel, ~1e-6 of the
+# stresses of a plastic VE, below the equilibrium tolerance (1e-5); 1e-10 (solver v5) took 25 % more local steps
+# for curves within 5e-8 of these (16^3)
+LOCAL_TOL = 1e-9
 VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
 
@@ -323,6 +332,23 @@ class State:
         return State(*(getattr(self, f).clone() for f in self.FIELDS))
 
 
+class Tangents:
+    """The tangents ``K`` (B, V, 6, 6) Pa and shear sensitivities ``M`` (B, V, k, 6) of an update, lab frame, for the
+    members that ask for them: the fused kernel computes them only then (``compute(members) -> (K, M)``, (b, V,
+    ...)), since the solver needs none for the VEs that an update brings into equilibrium; ``eager`` holds
+    computed ones."""
+
+    def __init__(self, compute=None, eager: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self._compute, self._eager = compute, eager
+
+    def take(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, M)`` of the members ``members`` (B,) bool."""
+        if self._eager is not None:
+            K, M = self._eager
+            return (K, M) if bool(members.all()) else (K[members], M[members])
+        return self._compute(members.nonzero().squeeze(-1))
+
+
 class Material:
     """Per-grain tensors of a batch of VEs and the backward-Euler stress update of the voxels."""
 
@@ -339,6 +365,7 @@ class Material:
         chunk: int = 0,
         kernel: str = "auto",
         tangent: str = "consistent",
+        loose_tol: float = LOOSE_LOCAL_TOL,
     ) -> None:
         if tangent not in TANGENTS:
             raise ValueError(f"tangent must be one of {', '.join(TANGENTS)}, got {tangent!r}")
@@ -378,8 +405,9 @@ class Material:
         # local Newton: |residual|_inf (strain) < local_tol + local_rtol |eps - eps_p^n|_inf. float32
         # round-off of the sums over 30 systems stagnates near 1e-6 relative, and a tighter tolerance
         # made voxels fail and increments cut back; at 1e-5 the curves match float64 to ~3e-7 (tests)
-        self.local_tol = local_tol if local_tol is not None else (1e-10 if dtype == torch.float64 else 1e-12)
+        self.local_tol = local_tol if local_tol is not None else (LOCAL_TOL if dtype == torch.float64 else 1e-12)
         self.local_rtol = 0.0 if dtype == torch.float64 else 1e-5
+        self.loose_tol = loose_tol  # the first update of an increment (see update); 0: none loose
         self.max_local = max_local
         self.chunk = chunk or (CPU_CHUNK if self.device.type == "cpu" else GPU_CHUNK)
         self.kernel = choose_kernel(kernel, self.device, dtype)
@@ -582,7 +610,7 @@ class Material:
         return torch.where(good[:, None, None], K, fixed), torch.where(good[:, None, None], Ji[:, 6:, :6], zero)
 
     def update(self, gid: torch.Tensor, eps: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
-               shears_guess: torch.Tensor, dt: float, loose: bool = False):
+               shears_guess: torch.Tensor, dt: float, loose: bool = False, lazy: bool = False):
         """Backward-Euler update of every voxel for total strain ``eps`` (B, V, 6), from ``state_n``.
 
         ``sig_guess`` (B, V, 6) and ``shears_guess`` (B, V, k) start the local Newton iterations (k = 2
@@ -592,8 +620,10 @@ class Material:
         most local Newton iterations, and the shears' sensitivities d shears / d eps (B, V, k, 6), lab frame
         (zero with ``tangent="fixed"``, in voxels that did not converge and in elastic ones), which with the
         tangent predict the local update at a nearby strain. ``loose``: the local Newton stops at
-        ``max(local_tol, LOOSE_LOCAL_TOL)`` (a first iterate, far from equilibrium, whose stress only sets the
-        next Newton step; the solver never accepts equilibrium on such an update).
+        ``max(local_tol, loose_tol)`` (a first iterate, far from equilibrium, whose stress only sets the
+        next Newton step; the solver never accepts equilibrium on such an update). ``lazy``: the tangent and
+        the sensitivities come as one :class:`Tangents` in place of ``K`` (and ``None`` in place of the
+        sensitivities), computed (fused kernel) for the members that ask for them.
         """
         B, V = gid.shape
         g = gid.reshape(-1)
@@ -602,11 +632,14 @@ class Material:
             sig = torch.einsum("mde,me->md", Cg, (eps - state_n.eps_p).reshape(-1, 6))
             ok = torch.ones(B, dtype=torch.bool, device=self.device)
             M = torch.zeros(B, V, shears_guess.shape[-1], 6, dtype=self.dtype, device=self.device)
-            return sig.reshape(B, V, 6), Cg.reshape(B, V, 6, 6), state_n, shears_guess.clone(), ok, 1, M
+            K = Cg.reshape(B, V, 6, 6)
+            if lazy:
+                K, M = Tangents(eager=(K, M)), None
+            return sig.reshape(B, V, 6), K, state_n, shears_guess.clone(), ok, 1, M
         M = B * V
         target = (eps - state_n.eps_p).reshape(M, 6)
         if self.kernel == "numba":
-            return self._update_fused(g, target, state_n, sig_guess, shears_guess, dt, self._tol(loose))
+            return self._update_fused(g, target, state_n, sig_guess, shears_guess, dt, self._tol(loose), lazy)
         if self.n_twin:
             frac = (state_n.gamma_tw / self.gamma_char).sum(-1).reshape(M, 1)
             tf = (1.0 - frac).clamp(min=0.0)
@@ -630,17 +663,21 @@ class Material:
             gamma_tw = gamma_tw + dg[:, self.n_slip :].reshape(B, V, -1)
         gamma_sl = state_n.gamma_sl + shears[:, :1].reshape(B, V, 1)
         new_state = State(eps_p.reshape(B, V, 6), xi.reshape(B, V, -1), gamma_tw, gamma_sl)
-        K = 0.5 * (K + K.transpose(-1, -2))
-        return sig.reshape(B, V, 6), K.reshape(B, V, 6, 6), new_state, shears.reshape(B, V, -1), ok, most, dsh.reshape(B, V, -1, 6)
+        K = 0.5 * (K + K.transpose(-1, -2)).reshape(B, V, 6, 6)
+        dsh = dsh.reshape(B, V, -1, 6)
+        if lazy:
+            K, dsh = Tangents(eager=(K, dsh)), None
+        return sig.reshape(B, V, 6), K, new_state, shears.reshape(B, V, -1), ok, most, dsh
 
 
     def _tol(self, loose: bool) -> float:
-        return max(self.local_tol, LOOSE_LOCAL_TOL) if loose else self.local_tol
+        return max(self.local_tol, self.loose_tol) if loose else self.local_tol
 
     def _update_fused(self, g: torch.Tensor, target: torch.Tensor, state_n: State, sig_guess: torch.Tensor,
-                      shears_guess: torch.Tensor, dt: float, local_tol: float):
+                      shears_guess: torch.Tensor, dt: float, local_tol: float, lazy: bool = False):
         """:meth:`update` by the fused per-voxel kernel (:mod:`microfp.cp_kernel`, CPU, float64): the same
-        local Newton as :meth:`_local`, one voxel at a time; same results to round-off."""
+        local Newton as :meth:`_local`, one voxel at a time; same results to round-off. ``lazy``: the tangents
+        are computed when :class:`Tangents` is asked for them, for those members only."""
         from microfp import cp_kernel
 
         import numba
@@ -660,8 +697,9 @@ class Material:
             S0=c["S0"], P0=c["P0"], n_slip=self.n_slip, first=c["first"], family=c["family"], xs_inf=c["xs_inf"],
             rate=dt * p.dot_gamma_0, n=p.n, a_sl=p.a_sl, h_0_sl_sl=p.h_0_sl_sl, h_0_tw_sl=p.h_0_tw_sl,
             h_0_tw_tw=p.h_0_tw_tw, tol_abs=local_tol, tol_rel=self.local_rtol, max_local=self.max_local,
-            consistent=self.tangent == "consistent",
+            consistent=self.tangent == "consistent", tangent=not lazy,
         )
+        compute = out.pop("tangent")
         t = {k: torch.from_numpy(v) for k, v in out.items()}
         eps_p = state_n.eps_p.reshape(M, 6) + t["deps_p"]
         if self.n_twin:
@@ -670,8 +708,18 @@ class Material:
         new_state = State(eps_p.reshape(B, V, 6), t["xi"].reshape(B, V, -1), gamma_tw.reshape(B, V, -1),
                           gamma_sl.reshape(B, V, 1))
         ok = t["converged"].reshape(B, V).all(dim=1)
-        return (t["sig"].reshape(B, V, 6), t["K"].reshape(B, V, 6, 6), new_state, t["shears"].reshape(B, V, -1), ok,
-                int(out["iterations"].max(initial=0)), t["M"].reshape(B, V, -1, 6))
+        nk = shears_guess.shape[-1]
+        if lazy:
+            def take(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                K, Ms = compute(members.numpy(), V)
+                b = members.shape[0]
+                return torch.from_numpy(K).reshape(b, V, 6, 6), torch.from_numpy(Ms).reshape(b, V, nk, 6)
+
+            K, Ms = Tangents(take), None
+        else:
+            K, Ms = t["K"].reshape(B, V, 6, 6), t["M"].reshape(B, V, nk, 6)
+        return (t["sig"].reshape(B, V, 6), K, new_state, t["shears"].reshape(B, V, -1), ok,
+                int(out["iterations"].max(initial=0)), Ms)
 
 
 KERNELS = ("auto", "numba", "torch")
@@ -747,16 +795,17 @@ class Projection:
             from microfp import cp_kernel
 
             out = torch.from_numpy(cp_kernel.green(th.contiguous().numpy(), *self._np))
-            out[:, 0, 0, 0, :] = th[:, 0, 0, 0, :] * self.mixed
+            out[:, 0, 0, 0, :] = th[:, 0, 0, 0, :] * self.mixed.to(th.real.dtype)
             return torch.fft.irfftn(out, s=(n, n, n), dim=(1, 2, 3))
         v = [th[..., i] for i in range(6)]
-        n1, n2, n3 = self.nv
+        n1, n2, n3 = (c.to(th.real.dtype) for c in self.nv)  # (float32 fields in a float64 solver: cg_dtype)
         h = 1.0 / SQ2
         T = [[v[0], h * v[5], h * v[4]], [h * v[5], v[1], h * v[3]], [h * v[4], h * v[3], v[2]]]
         Tn = [T[i][0] * n1 + T[i][1] * n2 + T[i][2] * n3 for i in range(3)]
         nTn = Tn[0] * n1 + Tn[1] * n2 + Tn[2] * n3
         nn = (n1, n2, n3)
-        u = [(2.0 * Tn[i] - nn[i] * nTn) * self.mask for i in range(3)]
+        mask = self.mask.to(th.real.dtype)
+        u = [(2.0 * Tn[i] - nn[i] * nTn) * mask for i in range(3)]
         out = torch.stack(
             [
                 n1 * u[0],
@@ -768,7 +817,7 @@ class Projection:
             ],
             dim=-1,
         )
-        out[:, 0, 0, 0, :] = th[:, 0, 0, 0, :] * self.mixed
+        out[:, 0, 0, 0, :] = th[:, 0, 0, 0, :] * self.mixed.to(th.real.dtype)
         return torch.fft.irfftn(out, s=(n, n, n), dim=(1, 2, 3))
 
 
@@ -824,6 +873,11 @@ class SolverSettings:
     stress_measure: str = "cauchy"  # reported sigma_xx: "cauchy" (first order in eps_e, as DAMASK's) or "small"
     kernel: str = "auto"  # local update: "numba" (fused CPU kernel, float64), "torch", "auto" (numba where it runs)
     tangent: str = "consistent"  # CG's tangent: "consistent" (hardening included, symmetrised) or "fixed" (v4)
+    local_tol: float | None = None  # local Newton tolerance (strain); None: LOCAL_TOL in float64, 1e-12 in float32
+    loose_local_tol: float = LOOSE_LOCAL_TOL  # the same for an increment's first update (0: as the others)
+    # CG's fields, FFTs and tangent; the residual and the local update stay in dtype. float32: the FFTs ~2.8x
+    # faster at 64^3, curves within 2e-8 of float64 CG (16^3), the same Newton and CG iterations
+    cg_dtype: str = "float32"
 
 
 @dataclass
@@ -1009,6 +1063,7 @@ class _Solver:
         mat, proj, st, n = self.mat, self.proj, self.settings, self.n
         B, V = batch.gid.shape
         dt = t1 - t0
+        cg_dtype = getattr(torch, st.cg_dtype)
         # first guesses: the strain, stress and shear rates of the last increment, extrapolated to the middle
         # of this one with their slopes (second order in time)
         ahead = (EXTRAPOLATE * 0.5 * (batch.dt_last + dt)).view(B, 1, 1)
@@ -1023,7 +1078,7 @@ class _Solver:
         err = torch.full((B,), float("inf"), dtype=eps.dtype, device=eps.device)
         reasons = [""] * B
         for it in range(st.max_newton):
-            loose = it == 0 and LOOSE_LOCAL_TOL > 0
+            loose = it == 0 and mat.loose_tol > 0
             act = (~(conv | bad)).nonzero().squeeze(-1)
             if act.numel() == 0:
                 break
@@ -1032,9 +1087,9 @@ class _Solver:
             def part(x: torch.Tensor) -> torch.Tensor:
                 return x if whole else x[act]
 
-            s_a, K_a, new, shears_a, ok_a, _, M_a = mat.update(
+            s_a, tangents, new, shears_a, ok_a, _, _ = mat.update(
                 part(batch.gid), part(eps), batch.state if whole else batch.state.select(act), part(sig), part(shears), dt,
-                loose=loose,
+                loose=loose, lazy=True,
             )
             sig[act], xi[act], eps_p[act], shears[act], gamma_sl[act] = s_a, new.xi, new.eps_p, shears_a, new.gamma_sl
             if mat.n_twin:
@@ -1055,7 +1110,11 @@ class _Solver:
             go = ~(conv_a | bad_a)
             if not bool(go.any()):
                 continue
-            Kf = (K_a if bool(go.all()) else K_a[go]).reshape(-1, n, n, n, 6, 6)
+            # the tangents of the members still iterating only (the others are in equilibrium)
+            K_go, M_go = tangents.take(go)
+            # CG in cg_dtype: the Newton step needs only a few digits (CG stops at cg_forcing), so float32
+            # fields and FFTs are enough; the residual and the local update stay in dtype
+            Kf = K_go.reshape(-1, n, n, n, 6, 6).to(cg_dtype)
 
             def apply_A(x: torch.Tensor) -> torch.Tensor:
                 if mat.kernel == "numba":  # one pass over the tangents (torch's einsum: a batched matmul)
@@ -1067,21 +1126,21 @@ class _Solver:
 
             rn = torch.sqrt(_dot(res[go], res[go]))
             tol_abs = torch.maximum(st.cg_forcing * rn, 0.2 * st.tolerance * scale[go] * math.sqrt(V))
-            d, cg_it = cg(apply_A, -res[go], tol_abs, st.max_cg, fused=mat.kernel == "numba")
+            d, cg_it = cg(apply_A, (-res[go]).to(cg_dtype), tol_abs, st.max_cg, fused=mat.kernel == "numba")
             members = act[go]
             for b in members.tolist():
                 self.results[batch.ids[b]].cg_iterations += cg_it
-            d = d.reshape(-1, V, 6)
+            d = d.reshape(-1, V, 6).to(eps.dtype)
             eps[members] += d
             # the next local updates start from the linearised response to the step (stress and shears)
             if mat.kernel == "numba":
                 from microfp import cp_kernel
 
-                Kd = torch.from_numpy(cp_kernel.matvec(Kf.numpy().reshape(-1, 6, 6), d.contiguous().numpy().reshape(-1, 6)))
+                Kd = torch.from_numpy(cp_kernel.matvec(K_go.numpy().reshape(-1, 6, 6), d.contiguous().numpy().reshape(-1, 6)))
             else:
-                Kd = torch.einsum("bvij,bvj->bvi", K_a[go], d)
+                Kd = torch.einsum("bvij,bvj->bvi", K_go, d)
             sig[members] += Kd.reshape(-1, V, 6)
-            shears[members] += torch.einsum("bvkj,bvj->bvk", M_a[go], d)
+            shears[members] += torch.einsum("bvkj,bvj->bvk", M_go, d)
         for b in (~(conv | bad)).nonzero().squeeze(-1).tolist():
             reasons[b] = f"no equilibrium after {st.max_newton} Newton iterations"
         for b in conv.nonzero().squeeze(-1).tolist():
@@ -1130,6 +1189,8 @@ def solve(
         chunk=settings.voxel_chunk,
         kernel=settings.kernel,
         tangent=settings.tangent,
+        local_tol=settings.local_tol,
+        loose_tol=settings.loose_local_tol,
     )
     proj = Projection(n, torch.tensor(load.stress_controlled, dtype=dtype), dtype, device, settings.nyquist,
                       fused=mat.kernel == "numba")

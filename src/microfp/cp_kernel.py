@@ -22,6 +22,10 @@ and each voxel is computed by one thread from its own inputs only, so the result
 from run to run and for any number of threads. The small helpers are inlined by numba
 (``inline="always"``); ``residual`` and ``jacobian``, called at two sites each, are left to LLVM:
 inlining them too doubled a fresh clone's compile time (~75 s vs ~40 s) for no measurable speed.
+The tangent is a second kernel (:func:`_tangent_kernel`), run only for the VEs that the solver still
+iterates: an increment's last update brings its VE into equilibrium, and its tangent went unused. The
+update leaves it what it needs (the crystal-frame solution and the factors of the last Newton step's
+Jacobian), and it does what the update did until solver v5 with them, so the same bits.
 """
 
 from __future__ import annotations
@@ -555,24 +559,27 @@ def symmetric_positive(K, L):
 
 
 @njit(parallel=True, **_OPTS)
-def _kernel(gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf, rate,
-            n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, consistent,
-            sig_out, K_out, M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
+def _kernel(gid, Q, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf, rate,
+            n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local,
+            sig_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out, y_out, lu_out, rd_out, piv_out):
     """All voxels, in blocks of ``BLOCK``; each voxel reads only its own inputs, so the split over threads
     does not change any result."""
     M = gid.shape[0]
     nblocks = (M + BLOCK - 1) // BLOCK
     for blk in numba.prange(nblocks):
-        _block(blk * BLOCK, min(M, (blk + 1) * BLOCK), gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0,
+        _block(blk * BLOCK, min(M, (blk + 1) * BLOCK), gid, Q, target, xi_n, tf, slip_n, sig0, shears0, S0, P0,
                PP, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel,
-               max_local, consistent, sig_out, K_out, M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out)
+               max_local, sig_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out, y_out, lu_out, rd_out,
+               piv_out)
 
 
 @njit(**_OPTS)
-def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf,
-           rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, consistent, sig_out, K_out,
-           M_out, xi_out, dg_out, shears_out, deps_out, conv_out, it_out):
-    """The update of voxels ``lo:hi`` (see :func:`update_voxels`), with one set of scratch arrays."""
+def _block(lo, hi, gid, Q, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, PP, ns, first, family, xs_inf,
+           rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, tol_abs, tol_rel, max_local, sig_out, xi_out, dg_out,
+           shears_out, deps_out, conv_out, it_out, y_out, lu_out, rd_out, piv_out):
+    """The update of voxels ``lo:hi`` (see :func:`update_voxels`), with one set of scratch arrays; the tangent
+    is :func:`_tangent_block`'s, from the crystal-frame solution ``y_out`` and the factors of the last Newton
+    step's Jacobian (``lu_out``, ``rd_out``, ``piv_out``, as :func:`lu_solve` leaves them; where a step was taken)."""
     nsys = P0.shape[0]
     nk = shears0.shape[1]
     nf = first.shape[0]
@@ -594,14 +601,8 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
     xs = np.empty(nf)
     us = np.empty(nf)
     J = np.empty((ny, ny))
-    K = np.empty((6, 6))
-    W = np.empty((6, 12))
-    WJ = np.empty((ny, ny + 6))
-    L = np.empty((6, 6))
-    Ms = np.empty((nk, 6))
     rdv = np.empty(ny)
     piv = np.empty(ny, dtype=np.int64)
-    ev = np.empty(ny)
     acc = np.empty(24)
     for m in range(lo, hi):
         g = gid[m]
@@ -638,23 +639,14 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                 if not abs(r[6 + k]) < tol:
                     done = False
             if done:
-                good = False
-                if consistent:
-                    if it > 0:  # J holds the factors of the last step's Jacobian: reuse them
-                        lu_block(J, ny, rdv, piv, K, Ms, ev)
-                        good = symmetric_positive(K, L)
-                    else:
-                        jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
-                        good = consistent_block(J, ny, WJ, K, Ms) and symmetric_positive(K, L)
-                if not good:  # the tangent at fixed resistances (always SPD), no shear prediction
-                    for k in range(nk):
-                        for j in range(6):
-                            Ms[k, j] = 0.0
-                    stress_block(dgd, S0, PP, J, acc)
-                    for i in range(6):
-                        for j in range(6):
-                            K[i, j] = J[i, j]
-                    inverse6(K, K, W)
+                # the tangent is left to _tangent_block (it is needed only where equilibrium is not reached
+                # yet): the factors of the last step's Jacobian go out for it to reuse
+                if it > 0:
+                    for i in range(ny):
+                        rd_out[m, i] = rdv[i]
+                        piv_out[m, i] = piv[i]
+                        for j in range(ny):
+                            lu_out[m, i, j] = J[i, j]
                 converged = True
                 break
             if it == max_local:
@@ -681,6 +673,8 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                 y[i] = ynew[i]
         it_out[m] = iterations
         conv_out[m] = converged
+        for i in range(ny):
+            y_out[m, i] = y[i]
         for k in range(nk):
             shears_out[m, k] = y[6 + k]
         for i in range(6):
@@ -703,42 +697,133 @@ def _block(lo, hi, gid, Q, C, target, xi_n, tf, slip_n, sig0, shears0, S0, P0, P
                 for j in range(6):
                     s += Qg[i, j] * ynew[j]
                 deps_out[m, i] = s
-            # lab tangent Q K Q^T (W[:, :6] = K Q^T as scratch), symmetrised
-            for i in range(6):
-                for j in range(6):
-                    s = 0.0
-                    for k in range(6):
-                        s += K[i, k] * Qg[j, k]
-                    W[i, j] = s
-            for i in range(6):
-                for j in range(6):
-                    s = 0.0
-                    for k in range(6):
-                        s += Qg[i, k] * W[k, j]
-                    K_out[m, i, j] = s
-            for i in range(6):
-                for j in range(i + 1, 6):
-                    s = 0.5 * (K_out[m, i, j] + K_out[m, j, i])
-                    K_out[m, i, j] = s
-                    K_out[m, j, i] = s
-            # d shears / d eps in the lab frame: Ms Q^T
-            for k in range(nk):
-                for j in range(6):
-                    s = 0.0
-                    for i in range(6):
-                        s += Ms[k, i] * Qg[j, i]
-                    M_out[m, k, j] = s
         else:
-            for k in range(nk):
-                for j in range(6):
-                    M_out[m, k, j] = 0.0
             for a in range(nsys):
                 xi_out[m, a] = xin[a]
                 dg_out[m, a] = 0.0
             for i in range(6):
                 deps_out[m, i] = 0.0
+
+
+@njit(parallel=True, **_OPTS)
+def _tangent_kernel(members, V, gid, Q, C, target, xi_n, tf, slip_n, y_in, lu_in, rd_in, piv_in, it_in, conv_in, S0,
+                    P0, PP, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, consistent,
+                    K_out, M_out):
+    """The tangents of the voxels of the VEs ``members`` (b,) (``V`` voxels each, VE-major in the inputs), into
+    ``K_out`` (b V, 6, 6) and ``M_out`` (b V, k, 6), in blocks of ``BLOCK``; each voxel reads only its own
+    inputs, so the split over threads does not change any result."""
+    total = members.shape[0] * V
+    nblocks = (total + BLOCK - 1) // BLOCK
+    for blk in numba.prange(nblocks):
+        _tangent_block(blk * BLOCK, min(total, (blk + 1) * BLOCK), members, V, gid, Q, C, target, xi_n, tf, slip_n,
+                       y_in, lu_in, rd_in, piv_in, it_in, conv_in, S0, P0, PP, ns, first, family, xs_inf, rate, n_exp,
+                       q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, consistent, K_out, M_out)
+
+
+@njit(**_OPTS)
+def _tangent_block(lo, hi, members, V, gid, Q, C, target, xi_n, tf, slip_n, y_in, lu_in, rd_in, piv_in, it_in,
+                   conv_in, S0, P0, PP, ns, first, family, xs_inf, rate, n_exp, q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw,
+                   consistent, K_out, M_out):
+    """Outputs ``lo:hi`` of :func:`_tangent_kernel`: the lab-frame tangent and shear sensitivities of each voxel
+    as :func:`_block` computed them up to solver v5, the same operations in the same order, so the same bits:
+    ``"consistent"``: the first six columns of ``J^-1`` from the factors of the last Newton step (or, where
+    no step was taken, of the Jacobian at the solution), the stress block symmetrised, where that is positive
+    definite; else the tangent at fixed resistances at the solution, no shear sensitivities. Where a step's
+    factors are not enough, the residual is evaluated again at the solution (the same inputs: the same bits)."""
+    nsys = P0.shape[0]
+    nk = M_out.shape[1]
+    nf = first.shape[0]
+    ny = 6 + nk
+    P0T = np.ascontiguousarray(P0.T)
+    rinf = np.empty(nf)
+    for f in range(nf):
+        rinf[f] = 1.0 / xs_inf[f]
+    tgt = np.empty(6)
+    r = np.empty(ny)
+    dg = np.empty(nsys)
+    dgd = np.empty(nsys)
+    dgx = np.empty(nsys)
+    xi = np.empty(nsys)
+    u = np.empty(nsys)
+    xs = np.empty(nf)
+    us = np.empty(nf)
+    J = np.empty((ny, ny))
+    K = np.empty((6, 6))
+    W = np.empty((6, 12))
+    WJ = np.empty((ny, ny + 6))
+    L = np.empty((6, 6))
+    Ms = np.empty((nk, 6))
+    rdv = np.empty(ny)
+    piv = np.empty(ny, dtype=np.int64)
+    ev = np.empty(ny)
+    acc = np.empty(24)
+    for j_out in range(lo, hi):
+        m = members[j_out // V] * V + j_out % V
+        g = gid[m]
+        Qg = Q[g]
+        if not conv_in[m]:  # the elastic stiffness, no shear prediction
+            for k in range(nk):
                 for j in range(6):
-                    K_out[m, i, j] = 0.5 * (C[g, i, j] + C[g, j, i])
+                    M_out[j_out, k, j] = 0.0
+            for i in range(6):
+                for j in range(6):
+                    K_out[j_out, i, j] = 0.5 * (C[g, i, j] + C[g, j, i])
+            continue
+        good = False
+        if consistent and it_in[m] > 0:  # the factors of the last step's Jacobian
+            for i in range(ny):
+                rdv[i] = rd_in[m, i]
+                piv[i] = piv_in[m, i]
+                for j in range(ny):
+                    J[i, j] = lu_in[m, i, j]
+            lu_block(J, ny, rdv, piv, K, Ms, ev)
+            good = symmetric_positive(K, L)
+        if not good:
+            # dg, dgd, dgx, u at the solution, as the update's last residual evaluation left them
+            for i in range(6):
+                t = 0.0
+                for j in range(6):
+                    t += Qg[j, i] * target[m, j]
+                tgt[i] = t
+            residual(y_in[m], tgt, xi_n[m], tf[m], slip_n[m], nk, S0, P0, P0T, ns, first, family, rinf, rate, n_exp,
+                     q_n, a_sl, q_a, h0, h_tw_sl, h_tw_tw, r, dg, dgd, dgx, xi, u, xs, us, acc)
+            if consistent and it_in[m] == 0:
+                jacobian(u, dg, dgd, dgx, S0, P0, PP, ns, nk, h_tw_tw, J, acc)
+                good = consistent_block(J, ny, WJ, K, Ms) and symmetric_positive(K, L)
+        if not good:  # the tangent at fixed resistances (always SPD), no shear prediction
+            for k in range(nk):
+                for j in range(6):
+                    Ms[k, j] = 0.0
+            stress_block(dgd, S0, PP, J, acc)
+            for i in range(6):
+                for j in range(6):
+                    K[i, j] = J[i, j]
+            inverse6(K, K, W)
+        # lab tangent Q K Q^T (W[:, :6] = K Q^T as scratch), symmetrised
+        for i in range(6):
+            for j in range(6):
+                s = 0.0
+                for k in range(6):
+                    s += K[i, k] * Qg[j, k]
+                W[i, j] = s
+        for i in range(6):
+            for j in range(6):
+                s = 0.0
+                for k in range(6):
+                    s += Qg[i, k] * W[k, j]
+                K_out[j_out, i, j] = s
+        for i in range(6):
+            for j in range(i + 1, 6):
+                s = 0.5 * (K_out[j_out, i, j] + K_out[j_out, j, i])
+                K_out[j_out, i, j] = s
+                K_out[j_out, j, i] = s
+        # d shears / d eps in the lab frame: Ms Q^T
+        for k in range(nk):
+            for j in range(6):
+                s = 0.0
+                for i in range(6):
+                    s += Ms[k, i] * Qg[j, i]
+                M_out[j_out, k, j] = s
 
 
 @njit(parallel=True, **_OPTS)
@@ -829,16 +914,18 @@ def cg_direction(p, r, beta):
 
 
 def green(th: np.ndarray, n1: np.ndarray, n2: np.ndarray, n3: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Fourier-space step of the Galerkin projection (``cp.Projection``) on ``th`` (B, n, n, m, 6) complex128:
-    one pass instead of ~40 torch operations. Returns a new (B, n, n, m, 6) complex128 array."""
+    """Fourier-space step of the Galerkin projection (``cp.Projection``) on ``th`` (B, n, n, m, 6) complex128 or
+    complex64 (the wave vectors float64; the arithmetic in float64 either way): one pass instead of ~40 torch
+    operations. Returns a new (B, n, n, m, 6) array of ``th``'s dtype."""
     out = np.empty_like(th)
-    _green(th.view(np.float64), n1, n2, n3, mask, out.view(np.float64))
+    _green(th.view(th.real.dtype), n1, n2, n3, mask, out.view(th.real.dtype))
     return out
 
 
 def matvec(K: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``K @ x`` per voxel: (M, 6, 6) and (M, 6) float64, Pa and strain; returns (M, 6)."""
-    out = np.empty((K.shape[0], 6))
+    """``K @ x`` per voxel: (M, 6, 6) and (M, 6), Pa and strain, float64 (or both float32: then the sums run in
+    float64 and the result is rounded to float32); returns (M, 6) of ``x``'s dtype."""
+    out = np.empty((K.shape[0], 6), dtype=x.dtype)
     _matvec(K, x, out)
     return out
 
@@ -864,7 +951,8 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
                   tf: np.ndarray, slip_n: np.ndarray, sig0: np.ndarray, shears0: np.ndarray, *, S0: np.ndarray,
                   P0: np.ndarray, n_slip: int, first: np.ndarray, family: np.ndarray, xs_inf: np.ndarray,
                   rate: float, n: float, a_sl: float, h_0_sl_sl: float, h_0_tw_sl: float, h_0_tw_tw: float,
-                  tol_abs: float, tol_rel: float, max_local: int, consistent: bool = False) -> dict[str, np.ndarray]:
+                  tol_abs: float, tol_rel: float, max_local: int, consistent: bool = False,
+                  tangent: bool = True) -> dict:
     """Backward-Euler update of M voxels, float64, lab frame in and out (see ``Material._local``).
 
     Inputs: ``gid`` (M,) grain of each voxel; ``Q`` (G, 6, 6) Mandel rotations crystal -> lab; ``C`` (G, 6, 6)
@@ -875,25 +963,46 @@ def update_voxels(gid: np.ndarray, Q: np.ndarray, C: np.ndarray, target: np.ndar
     system ``first`` (F,) and ``xs_inf`` (F,) Pa, and the family of each slip system ``family`` (n_slip,);
     ``rate`` = dt dot_gamma_0; flow exponent ``n``; hardening ``a_sl``, ``h_0_*`` Pa.
 
-    Returns ``sig`` (M, 6) Pa, ``K`` (M, 6, 6) Pa (symmetrised lab tangent at fixed resistances; ``C`` where
-    not converged), ``xi`` (M, N_s), ``dg`` (M, N_s), ``shears`` (M, k), ``deps_p`` (M, 6), ``converged`` (M,)
-    bool and ``iterations`` (M,) local Newton iterations.
+    Returns ``sig`` (M, 6) Pa, ``xi`` (M, N_s), ``dg`` (M, N_s), ``shears`` (M, k), ``deps_p`` (M, 6),
+    ``converged`` (M,) bool, ``iterations`` (M,) local Newton iterations, and ``tangent``: a function
+    ``(members, V) -> (K, M)`` that computes the lab tangents ``K`` (b V, 6, 6) Pa (symmetrised; ``C`` where not
+    converged) and shear sensitivities ``M`` (b V, k, 6) of the voxels of VEs ``members`` (b,) (``V`` voxels
+    each, VE-major), as the update left them: a solver needs them only for VEs that are not in equilibrium
+    yet. ``tangent=True``: also ``K`` and ``M`` (M, ...) of every voxel, computed at once.
     """
     M, nsys, nk = gid.shape[0], P0.shape[0], shears0.shape[1]
+    ny = 6 + nk
     out = {
-        "sig": np.empty((M, 6)), "K": np.empty((M, 6, 6)), "M": np.empty((M, nk, 6)), "xi": np.empty((M, nsys)), "dg": np.empty((M, nsys)),
+        "sig": np.empty((M, 6)), "xi": np.empty((M, nsys)), "dg": np.empty((M, nsys)),
         "shears": np.empty((M, nk)), "deps_p": np.empty((M, 6)), "converged": np.empty(M, dtype=np.bool_),
         "iterations": np.empty(M, dtype=np.int64),
     }
+    # what the tangent needs: the crystal-frame solution and the factors of the last step's Jacobian
+    keep = {"y": np.empty((M, ny)), "lu": np.empty((M, ny, ny)), "rd": np.empty((M, ny)),
+            "piv": np.empty((M, ny), dtype=np.int64)}
     f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
+    i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
+    gid, Q, C, target, xi_n, tf, slip_n = i64(gid), f64(Q), f64(C), f64(target), f64(xi_n), f64(tf), f64(slip_n)
+    S0, P0, first, family, xs_inf = f64(S0), f64(P0), i64(first), i64(family), f64(xs_inf)
+    PP = _outer_upper(P0)
+    consts = (int(n_slip), first, family, xs_inf, float(rate), float(n), _quarters(n - 1.0), float(a_sl),
+              _quarters(a_sl - 1.0), float(h_0_sl_sl), float(h_0_tw_sl), float(h_0_tw_tw))
     first_call = "s" not in _FIRST_CALL
     start = time.perf_counter()
-    _kernel(np.ascontiguousarray(gid, dtype=np.int64), f64(Q), f64(C), f64(target), f64(xi_n), f64(tf), f64(slip_n),
-       f64(sig0), f64(shears0), f64(S0), f64(P0), _outer_upper(f64(P0)), int(n_slip), np.ascontiguousarray(first, dtype=np.int64),
-       np.ascontiguousarray(family, dtype=np.int64), f64(xs_inf), float(rate), float(n), _quarters(n - 1.0),
-       float(a_sl), _quarters(a_sl - 1.0), float(h_0_sl_sl), float(h_0_tw_sl), float(h_0_tw_tw), float(tol_abs),
-       float(tol_rel), int(max_local), bool(consistent), out["sig"], out["K"], out["M"], out["xi"], out["dg"], out["shears"], out["deps_p"],
-       out["converged"], out["iterations"])
+    _kernel(gid, Q, target, xi_n, tf, slip_n, f64(sig0), f64(shears0), S0, P0, PP, *consts, float(tol_abs),
+            float(tol_rel), int(max_local), out["sig"], out["xi"], out["dg"], out["shears"], out["deps_p"],
+            out["converged"], out["iterations"], keep["y"], keep["lu"], keep["rd"], keep["piv"])
+
+    def tangents(members: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray]:
+        members = i64(members)
+        K, Ms = np.empty((members.shape[0] * V, 6, 6)), np.empty((members.shape[0] * V, nk, 6))
+        _tangent_kernel(members, int(V), gid, Q, C, target, xi_n, tf, slip_n, keep["y"], keep["lu"], keep["rd"],
+                        keep["piv"], out["iterations"], out["converged"], S0, P0, PP, *consts, bool(consistent), K, Ms)
+        return K, Ms
+
+    out["tangent"] = tangents
+    if tangent:
+        out["K"], out["M"] = tangents(np.zeros(1, dtype=np.int64), M)
     if first_call:
         _FIRST_CALL["s"] = time.perf_counter() - start
     return out
