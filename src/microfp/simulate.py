@@ -44,7 +44,7 @@ from microfp.config import Params, SimulateParams, load_params
 from microfp.errors import MicrofpError
 from microfp.volumes import relabel_contiguous
 
-SOLVER_VERSION = "galerkin-newton-cg-v5"  # v5: consistent tangent for CG, local Newton predictor, second-order first guess (curves within 5e-6 of v4); v4: Nyquist frequencies as DAMASK (reduced wave vector), sigma_xx reported as DAMASK's Cauchy stress (first order); v3: twin hardening by slip as DAMASK v3.0.2
+SOLVER_VERSION = "galerkin-newton-cg-v6"  # v6: float32 CG and FFTs with float64 residual and local update, local tolerance 1e-9, tangent kernel only for VEs still iterating (curves within 5e-8 of v5); v5: consistent tangent for CG, local Newton predictor, second-order first guess (curves within 5e-6 of v4); v4: Nyquist frequencies as DAMASK (reduced wave vector), sigma_xx reported as DAMASK's Cauchy stress (first order); v3: twin hardening by slip as DAMASK v3.0.2
 """Change when the results of the spectral solver change (part of the resume key)."""
 
 DAMASK_VERSION = "DAMASK_grid v3.0.2, zero mean shear stress"
