@@ -285,7 +285,7 @@ def test_a_converged_ve_leaves_the_iterations_of_its_batch(hcp_ves):
 def test_float32_gives_the_float64_curve(hcp_ves):
     euler = [hcp_ves.grain_euler(0).astype(np.float64)]
     load = cp.Load(strain=0.004, rate=1e-3, increments=8)
-    f64 = cp.solve(_coarse(hcp_ves)[None], euler, load)[0]
+    f64 = cp.solve(_coarse(hcp_ves)[None], euler, load, cp.SolverSettings(cg_dtype="float64"))[0]
     f32 = cp.solve(_coarse(hcp_ves)[None], euler, load, cp.SolverSettings(dtype="float32"))[0]
     assert f32.converged and f32.max_residual < 1e-5
     np.testing.assert_allclose(f32.stress_xx[1:], f64.stress_xx[1:], rtol=1e-4)
@@ -464,7 +464,7 @@ def test_float32_cg_gives_the_float64_curve_on_any_thread_count(hcp_ves):
     the curve of the float64 solver within its tolerance, and the same bits on one thread and on two."""
     euler = [hcp_ves.grain_euler(0).astype(np.float64)]
     load = cp.Load(strain=0.004, rate=1e-3, increments=8)
-    f64 = cp.solve(_coarse(hcp_ves)[None], euler, load)[0]
+    f64 = cp.solve(_coarse(hcp_ves)[None], euler, load, cp.SolverSettings(cg_dtype="float64"))[0]
     runs = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
