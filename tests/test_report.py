@@ -72,6 +72,7 @@ def test_report_without_metrics_is_short_and_report_show_prints_run_costs(tmp_pa
     shown = run_cli("report", "--show", cwd=tmp_path)
     assert shown.returncode == 0 and "# microfp report" in shown.stdout
     assert "`generate@train`: 12.5 s" in shown.stdout
+    assert f"CPU of the newest: {runlog.cpu_facts()['cpu']}" in shown.stdout
     assert "report" not in run_costs(tmp_path / ".microfp" / "runlog.jsonl").split("\n", 1)[1]
     assert "no stage ran here" in run_costs(tmp_path / "missing.jsonl")
 
@@ -80,3 +81,14 @@ def test_report_show_without_a_report_is_one_line(tmp_path):
     result = run_cli("report", "--show", "--out", "nothing.md", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "microfp: error: nothing.md: no report yet (run `dvc repro` or `microfp report`)"
+
+
+def test_cpu_facts_name_the_model_and_the_vector_extensions_onednn_picks_kernels_by(tmp_path):
+    info = tmp_path / "cpuinfo"
+    cpu = "model name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu sse avx2 avx512f amx_tile\n"
+    info.write_text("processor\t: 0\n" + cpu + "\nprocessor\t: 1\n" + cpu)
+    assert runlog.cpu_facts(info) == {"cpu": "Some CPU @ 2.0GHz", "isa": ["avx2", "avx512f", "amx_tile"]}
+    assert runlog.cpu_facts(tmp_path / "missing")["isa"] == []
+    runlog.record("train", 1.0, tmp_path / "log.jsonl")
+    entry = runlog.last_runs(tmp_path / "log.jsonl")["train"]
+    assert entry["isa"] == runlog.cpu_facts()["isa"] and entry["cpu"] == runlog.cpu_facts()["cpu"]

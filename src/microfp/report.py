@@ -256,6 +256,9 @@ def run_costs(log: Path = runlog.RUNLOG) -> str:
     if not stages:
         return "No run log on this machine (.microfp/runlog.jsonl): no stage ran here.\n"
     lines = ["## Wall-clock time of the last run of each stage (this machine, not tracked)", ""]
+    newest = max(stages.values(), key=lambda e: str(e.get("finished", "")))
+    if "cpu" in newest:  # entries before 2026-12-03 have no CPU facts
+        lines[1:1] = ["", f"CPU of the newest: {newest['cpu']}; vector extensions: {' '.join(newest.get('isa', [])) or 'none listed'}"]
     total = 0.0
     for stage, entry in stages.items():
         seconds = float(entry["seconds"])

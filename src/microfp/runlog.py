@@ -17,10 +17,26 @@ from pathlib import Path
 from typing import Any
 
 RUNLOG = Path(".microfp/runlog.jsonl")
+# vector extensions that pick oneDNN's convolution kernels, and so the bits of train and later stages on CPUs
+# (README "Reproducibility"): the same bits measured with AVX-512 and AMX, other bits with AVX2 only
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
+def cpu_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """``{"cpu": model name, "isa": [the ISA_FLAGS this CPU has]}`` from ``cpuinfo`` (Linux); on other systems
+    ``platform.processor()`` and no flags."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {"cpu": platform.processor(), "isa": []}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)  # the last CPU's lines
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name", platform.processor()), "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 def record(stage: str, seconds: float, path: Path = RUNLOG) -> None:
-    """Append ``{"stage", "seconds", "finished", "host", "cores"}`` as one line to ``path``
+    """Append ``{"stage", "seconds", "finished", "host", "cores", "cpu", "isa"}`` as one line to ``path``
     (``stage`` as DVC names it, e.g. ``generate@brass``).
 
     Best effort: a read-only working directory loses the line, never the command's result.
@@ -31,6 +47,7 @@ def record(stage: str, seconds: float, path: Path = RUNLOG) -> None:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
         "cores": os.cpu_count(),
+        **cpu_facts(),
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
